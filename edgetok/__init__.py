@@ -1,0 +1,24 @@
+"""edgetok: exportable, fused, measured token reduction for vision transformers.
+
+    import edgetok, timm
+    vit = timm.create_model("vit_small_patch16_224")
+    fast = edgetok.apply(vit, "tome", r=8)
+    edgetok.flops(fast, (3, 224, 224)).total
+"""
+from . import ops  # noqa: F401  (registers the edgetok:: torch ops)
+from .api import apply, flops, methods, token_counts
+from .errors import EdgetokError, ScheduleError, UnknownMethodError, UnsupportedModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply",
+    "flops",
+    "methods",
+    "token_counts",
+    "EdgetokError",
+    "ScheduleError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "__version__",
+]

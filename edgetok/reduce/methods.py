@@ -1,0 +1,2 @@
+"""Imports every built-in method module so their @register_method runs."""
+from . import drop, dtd, dymu, tome  # noqa: F401

@@ -1,0 +1,57 @@
+"""Registry of reduction methods: ``edgetok.apply(model, NAME, **params)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..errors import UnknownMethodError
+from .base import Reducer
+
+
+@dataclass
+class Plan:
+    """What a method puts into a model: one reducer (or None) per block, and
+    whether attention adds log(size) (proportional attention)."""
+
+    method: str
+    params: dict
+    reducers: list[Optional[Reducer]]
+    prop_attn: bool = False
+    adaptive: bool = False
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[..., Plan]
+    summary: str
+    kind: str = "blocks"  # "blocks": reducers between blocks; "output": wraps the encoder
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, summary: str, kind: str = "blocks"):
+    """Decorator registering ``build(info, **params) -> Plan`` under ``name``."""
+
+    def deco(fn):
+        _METHODS[name] = Method(name, fn, summary, kind)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in _METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def methods() -> dict[str, str]:
+    """Registered method names with a one-line summary each."""
+    from . import methods as _  # noqa: F401
+
+    return {name: m.summary for name, m in sorted(_METHODS.items())}
