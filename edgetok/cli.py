@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from .errors import EdgetokError
 
     try:
-        cli.main(args=argv, standalone_mode=False)
+        rv = cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 1
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except (EdgetokError, FileNotFoundError, PermissionError) as e:
         click.echo(f"error: {e}", err=True)
         return 1
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
