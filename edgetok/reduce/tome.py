@@ -81,7 +81,8 @@ def bipartite_merge(
     """Merge ``r`` tokens of ``x`` [B,N,C] by bipartite soft matching.
 
     ``metric`` [B,N,Ck] decides the matching, ``size`` [B,N,1] is the number of
-    patches each token stands for. Returns (x [B,N-r,C], size [B,N-r,1]).
+    patches each token stands for. Returns (x [B,N-r,C], size [B,N-r,1]);
+    r=0 returns the inputs unchanged (no reordering).
     """
     n, c = x.shape[1], x.shape[2]
     check_merge(n, r, protect_first)
