@@ -13,9 +13,22 @@ from torch import nn
 
 from ..errors import EdgetokError, UnsupportedModelError
 from .base import Adapter, ModelInfo, run_blocks
+from .hf_clip import HFCLIPAdapter
+from .hf_dinov2 import HFDinov2Adapter, HFDinov2RegistersAdapter
+from .hf_siglip import HFSiglipAdapter
+from .hf_vit import HFViTAdapter
 from .timm_vit import TimmViTAdapter
+from .torchvision_vit import TorchvisionViTAdapter
 
-ADAPTERS: list[Adapter] = [TimmViTAdapter()]
+ADAPTERS: list[Adapter] = [
+    TimmViTAdapter(),
+    HFViTAdapter(),
+    HFCLIPAdapter(),
+    HFSiglipAdapter(),
+    HFDinov2Adapter(),
+    HFDinov2RegistersAdapter(),
+    TorchvisionViTAdapter(),
+]
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
