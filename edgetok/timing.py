@@ -1,0 +1,78 @@
+"""Interleaved latency measurement: the reduced and the unreduced model take
+turns, so machine noise (another job, frequency changes) hits both alike."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Mapping
+
+
+def sync(device: str = "cpu") -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, device: str = "cpu"):
+    """Run every function ``warmup`` times, then ``repeats`` rounds of one call
+    each in turn. Returns {name: [milliseconds per call]}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def percentile(values, q: float) -> float:
+    s = sorted(values)
+    if not s:
+        raise ValueError("no timings")
+    k = (len(s) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(values) -> dict:
+    return {
+        "p50_ms": statistics.median(values),
+        "p90_ms": percentile(values, 90),
+        "p99_ms": percentile(values, 99),
+        "mean_ms": statistics.fmean(values),
+        "runs": len(values),
+    }
+
+
+def machine_facts() -> dict:
+    """What a timing was measured on (reported next to every figure)."""
+    import os
+    import platform
+
+    import torch
+
+    facts = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        if names:
+            facts["cpu"] = names[0]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    return facts
