@@ -1,0 +1,256 @@
+"""Runtime backends behind one interface (Polygraphy-style runners).
+
+A backend knows whether it can run here (``unavailable()`` returns the reason
+it cannot, or None) and opens a Runner for some artifacts. A Runner runs one
+float32 NCHW batch and returns {output name: numpy array}; ``sync()`` waits for
+the device so timings are honest. Heavy dependencies are imported on use.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import EdgetokError, InputShapeError, MissingDependencyError
+from .artifacts import Artifacts, TensorSpec
+
+
+class BackendError(EdgetokError, RuntimeError):
+    """A backend cannot run these artifacts here."""
+
+
+class Runner:
+    input: TensorSpec
+    output_names: list[str]
+    backend: str = ""
+
+    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Wait for queued device work (no-op on CPU)."""
+
+    def check(self, x: np.ndarray) -> None:
+        want = self.input.shape
+        ok = x.ndim == len(want) and all(not isinstance(d, int) or d == s for d, s in zip(want, x.shape))
+        if not ok:
+            raise InputShapeError(
+                f"input {self.input.name} must have shape {want} ({self.backend}), got {list(x.shape)}; "
+                "resize the images to the model's size or use session.run() with preprocessing"
+            )
+
+
+class Backend:
+    name = ""
+
+    def unavailable(self, art: Optional[Artifacts] = None) -> Optional[str]:
+        raise NotImplementedError
+
+    def open(self, art: Artifacts, **options) -> Runner:
+        raise NotImplementedError
+
+
+# -- ONNX Runtime --------------------------------------------------------------
+class OrtRunner(Runner):
+    def __init__(self, onnx: Path, providers: list, backend: str, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.sess = ort.InferenceSession(str(onnx), opts, providers=providers)
+        except Exception as e:  # ORT raises its own exception types
+            raise BackendError(f"ONNX Runtime cannot load {onnx}: {str(e).splitlines()[0]}") from None
+        i = self.sess.get_inputs()[0]
+        self.input = TensorSpec(i.name, [d if isinstance(d, int) else "batch" for d in i.shape])
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.backend = backend
+
+    def infer(self, x):
+        self.check(x)
+        return dict(zip(self.output_names, self.sess.run(self.output_names, {self.input.name: x})))
+
+
+class OrtCpu(Backend):
+    name = "ort-cpu"
+
+    def unavailable(self, art=None):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed (pip install onnxruntime)"
+        if art is not None and art.onnx is None:
+            return f"{art.root} has no ONNX model"
+        return None
+
+    def open(self, art, threads=None, **_):
+        return OrtRunner(art.onnx, ["CPUExecutionProvider"], self.name, threads)
+
+
+class OrtCuda(OrtCpu):
+    name = "ort-cuda"
+
+    def unavailable(self, art=None):
+        reason = super().unavailable(art)
+        if reason:
+            return reason
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        return None
+
+    def open(self, art, threads=None, **_):
+        return OrtRunner(art.onnx, ["CUDAExecutionProvider", "CPUExecutionProvider"], self.name, threads)
+
+
+# -- TensorRT --------------------------------------------------------------------
+class TrtRunner(Runner):
+    """Runs a serialized engine with torch-allocated CUDA buffers."""
+
+    backend = "trt"
+
+    def __init__(self, art: Artifacts, plugin_lib=None):
+        import torch
+
+        from ..trt.env import gpu_info, import_tensorrt, plugin_library, tensorrt_version
+        from ..trt.manifest import check_engine, load_manifest
+
+        manifest = load_manifest(art.engine)
+        check_engine(manifest, art.engine, gpu_info(), tensorrt_version())
+        trt = import_tensorrt()
+        logger = trt.Logger(trt.Logger.WARNING)
+        if manifest.get("needs_plugin") or manifest.get("plugin"):
+            lib = plugin_library(plugin_lib or (manifest.get("plugin") or {}).get("path"))
+            trt.get_plugin_registry().load_library(str(lib))
+        engine = trt.Runtime(logger).deserialize_cuda_engine(art.engine.read_bytes())
+        if engine is None:
+            raise BackendError(f"TensorRT could not deserialize {art.engine}; rebuild it with `edgetok build`")
+        self.trt, self.torch, self.engine = trt, torch, engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if n not in inputs]
+        spec = manifest["inputs"][0]
+        self.input = TensorSpec(inputs[0], list(spec["shape"]))
+        self.profile = spec.get("profile")
+        self.stream = torch.cuda.Stream()
+
+    def infer(self, x):
+        self.check(x)
+        if self.profile and not (self.profile["min"][0] <= x.shape[0] <= self.profile["max"][0]):
+            raise InputShapeError(
+                f"batch {x.shape[0]} is outside the engine's profile {self.profile['min'][0]}..{self.profile['max'][0]}; "
+                "rebuild with a config whose batch profile covers it"
+            )
+        torch = self.torch
+        xin = torch.from_numpy(x).cuda()
+        self.context.set_input_shape(self.input.name, tuple(x.shape))
+        self.context.set_tensor_address(self.input.name, xin.data_ptr())
+        outs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = torch.from_numpy(np.empty(0, self.trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            outs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return {k: v.cpu().numpy() for k, v in outs.items()}
+
+    def sync(self):
+        self.stream.synchronize()
+
+
+class Trt(Backend):
+    name = "trt"
+
+    def unavailable(self, art=None):
+        from ..trt.env import gpu_info, tensorrt_version
+
+        if tensorrt_version() is None:
+            return "TensorRT is not installed"
+        if gpu_info() is None:
+            return "no CUDA GPU is visible"
+        if art is not None and art.engine is None:
+            return f"{art.root} has no engine; build one with `edgetok build`"
+        return None
+
+    def open(self, art, plugin_lib=None, **_):
+        return TrtRunner(art, plugin_lib)
+
+
+# -- torch -----------------------------------------------------------------------
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, module, input_spec: TensorSpec, output_names: list[str], device: str = "cpu"):
+        import torch
+
+        self.torch, self.module, self.device = torch, module.eval().to(device), device
+        self.input, self.output_names = input_spec, output_names
+
+    def infer(self, x):
+        self.check(x)
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(x).to(self.device))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        names = self.output_names if len(self.output_names) == len(outs) else [f"output{i}" for i in range(len(outs))]
+        return {n: o.detach().float().cpu().numpy() for n, o in zip(names, outs)}
+
+    def sync(self):
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+
+TORCH_FILES = ("model.pt2", "model.pt")
+
+
+def load_torch_module(path: Path):
+    """An nn.Module from a torch.export program (.pt2) or a pickled module (.pt)."""
+    import torch
+
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path)).module()
+    module = torch.load(str(path), weights_only=False, map_location="cpu")
+    if not isinstance(module, torch.nn.Module):
+        raise BackendError(f"{path} holds a {type(module).__name__}, not a model; save the nn.Module itself")
+    return module
+
+
+class Torch(Backend):
+    name = "torch"
+
+    def unavailable(self, art=None):
+        if art is not None and not any((art.root / f).exists() for f in TORCH_FILES):
+            return f"{art.root} has no torch model ({' or '.join(TORCH_FILES)}); pass the nn.Module to edgetok.runtime.load"
+        return None
+
+    def open(self, art, module=None, device="cpu", **_):
+        if module is None:
+            module = load_torch_module(next(art.root / f for f in TORCH_FILES if (art.root / f).exists()))
+        spec = art.inputs()[0]
+        return TorchRunner(module, spec, [o.name for o in art.outputs()], device)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Trt(), OrtCuda(), OrtCpu(), Torch())}
+PREFERENCE = ("trt", "ort-cuda", "ort-cpu")  # best first; torch only when asked
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; backends: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def pick_backend(art: Artifacts) -> Backend:
+    """The best backend that can run ``art`` here: TensorRT engine > ORT CUDA > ORT CPU."""
+    reasons = []
+    for name in PREFERENCE:
+        reason = BACKENDS[name].unavailable(art)
+        if reason is None:
+            return BACKENDS[name]
+        reasons.append(f"{name}: {reason}")
+    raise MissingDependencyError("no backend can run this model here (" + "; ".join(reasons) + ")")
