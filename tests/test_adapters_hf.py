@@ -17,7 +17,9 @@ from edgetok.patch import adapter_for
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
+SMALL = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8
+)
 
 
 def _vision(**extra):
@@ -99,6 +101,7 @@ def assert_same(a, b, tol=1e-5):
         assert err <= tol, f"{k}: max abs err {err}"
 
 
+REDUCTIONS = [("tome", {"r": 3}), ("drop", {"keep_rate": 0.5}), ("drop", {"r": 2, "fuse_dropped": True})]
 NO_REDUCTION = [("tome", {"r": 0}), ("drop", {"r": 0}), ("dymu", {"threshold": 1.0}), ("dymu", {"threshold": 1.5})]
 
 
@@ -118,7 +121,7 @@ def test_reduced_runs_and_counts_match_flops(name):
     assert info.num_prefix == prefix(name) and info.tokens == prefix(name) + 16
     with torch.no_grad():
         ref = model(pixel_values=x)
-        for method, params in [("tome", {"r": 3}), ("drop", {"keep_rate": 0.5}), ("drop", {"r": 2, "fuse_dropped": True})]:
+        for method, params in REDUCTIONS:
             reduced = edgetok.apply(model, method, **params)
             out = reduced(pixel_values=x)
             for k, v in tensors(out).items():
@@ -232,7 +235,8 @@ def test_forward_keywords():
         assert_same(reduced(x, return_dict=False), model(x, return_dict=False))
         big = images(size=48)
         assert_same(
-            reduced(pixel_values=big, interpolate_pos_encoding=True), model(pixel_values=big, interpolate_pos_encoding=True)
+            reduced(pixel_values=big, interpolate_pos_encoding=True),
+            model(pixel_values=big, interpolate_pos_encoding=True),
         )
     for bad in ({"output_attentions": True}, {"output_hidden_states": True}, {"attention_mask": torch.ones(2, 17)}):
         with pytest.raises(EdgetokError, match=next(iter(bad))):

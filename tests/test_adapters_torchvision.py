@@ -59,7 +59,8 @@ def test_info():
 def test_reduced_runs_and_counts_match_flops():
     model, x = build(), images()
     with torch.no_grad():
-        for method, params in [("tome", {"r": 3}), ("drop", {"keep_rate": 0.5}), ("drop", {"r": 2, "fuse_dropped": True})]:
+        reductions = [("tome", {"r": 3}), ("drop", {"keep_rate": 0.5}), ("drop", {"r": 2, "fuse_dropped": True})]
+        for method, params in reductions:
             reduced = edgetok.apply(model, method, **params)
             out = reduced(x)
             assert out.shape == (2, 5) and torch.isfinite(out).all()

@@ -39,7 +39,8 @@ class HFDinov2Adapter(HFAdapter):
     )
 
     def core(self, model):
-        return model if isinstance(model, loaded_classes(self.module, self.base_name)) else getattr(model, self.core_attr)
+        is_base = isinstance(model, loaded_classes(self.module, self.base_name))
+        return model if is_base else getattr(model, self.core_attr)
 
     def blocks(self, model):
         return self.core(model).encoder.layer
@@ -55,7 +56,9 @@ class HFDinov2Adapter(HFAdapter):
         seq = core.layernorm(x)
         if core is model:
             if labels is not None:
-                raise TypeError(f"{type(model).__name__} has no classifier: labels= needs the ForImageClassification model")
+                raise TypeError(
+                    f"{type(model).__name__} has no classifier: labels= needs the ForImageClassification model"
+                )
             return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0])
         p = self.num_prefix(model)
         patches = weighted_mean(seq[:, p:], None if size is None else size[:, p:])

@@ -4,9 +4,10 @@ SiglipForImageClassification (SiglipEncoderLayer).
 SigLIP has no class token, so nothing is protected (num_prefix 0) and the drop
 method scores tokens by mean attention. Its pooling head is one
 multihead-attention query (the probe) over all tokens; the reduced model
-passes the blocks' additive bias to that attention as well (log(size) for
-proportional attention, -inf on padding of adaptive methods), so merged
-tokens weigh as many patches as they stand for and padding is never attended.
+passes the blocks' additive bias to that attention as well: log(size) for
+proportional attention (ToMe, Bolya et al., ICLR 2023), -inf on the padding
+of adaptive methods. Merged tokens then weigh as many patches as they stand
+for, and padding is never attended.
 SiglipForImageClassification's token mean is size-weighted.
 """
 from __future__ import annotations
