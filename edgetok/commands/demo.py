@@ -24,7 +24,8 @@ def demo(model_name, r, keep_rate, batch, repeats, json_out):
 
     import edgetok
     from edgetok.reduce.dymu import calibrate
-    from edgetok.timing import interleaved, machine_facts, summary
+    from edgetok.benchmark import compare
+    from edgetok.timing import machine_facts
 
     console = Console()
     torch.manual_seed(0)
@@ -37,31 +38,15 @@ def demo(model_name, r, keep_rate, batch, repeats, json_out):
         }
         with torch.inference_mode():
             variants[f"dymu (calibrated to r={r})"] = edgetok.apply(base, "dymu", threshold=calibrate(base, x, r=r))
-    base_flops = edgetok.flops(base)
-
-    fns = {"baseline": lambda: base(x)}
-    fns.update({name: (lambda m=m: m(x)) for name, m in variants.items()})
-    with console.status(f"timing {len(fns)} models, {repeats} interleaved rounds, batch {batch}"), torch.inference_mode():
-        times = interleaved(fns, repeats=repeats)
-    base_ms = summary(times["baseline"])["p50_ms"]
+    with console.status(f"timing {len(variants) + 1} models, {repeats} interleaved rounds, batch {batch}"):
+        rows = compare(base, variants, x, repeats=repeats)
 
     table = Table(title=f"{model_name}, batch {batch}, torch CPU ({torch.get_num_threads()} threads)")
     for col in ("model", "tokens in -> out", "GFLOPs", "FLOPs ratio", "p50 ms", "speed ratio"):
         table.add_column(col)
-    rows = []
-    for name in fns:
-        model = base if name == "baseline" else variants[name]
-        with torch.inference_mode():
-            report = edgetok.flops(model, inputs=x[:1])
-        ms = summary(times[name])["p50_ms"]
-        row = {
-            "model": name, "tokens": report.tokens, "gflops": report.total / 1e9,
-            "flops_ratio": report.ratio_to(base_flops) if name != "baseline" else 1.0,
-            "p50_ms": ms, "speed_ratio": base_ms / ms,
-        }
-        rows.append(row)
-        table.add_row(name, f"{row['tokens'][0]} -> {row['tokens'][-1]}", f"{row['gflops']:.2f}",
-                      f"{row['flops_ratio']:.2f}x", f"{ms:.1f}", f"{row['speed_ratio']:.2f}x")
+    for row in rows:
+        table.add_row(row["model"], f"{row['tokens'][0]} -> {row['tokens'][-1]}", f"{row['gflops']:.2f}",
+                      f"{row['flops_ratio']:.2f}x", f"{row['p50_ms']:.1f}", f"{row['speed_ratio']:.2f}x")
     console.print(table)
     for row in rows[1:]:
         console.print(f"[dim]{row['model']} tokens per layer: {' '.join(map(str, row['tokens']))}[/dim]")
