@@ -9,7 +9,11 @@ import click
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
+    "build": "edgetok.commands.build:build",
+    "triton": "edgetok.commands.triton:triton",
+    "validate": "edgetok.commands.validate:validate",
     "demo": "edgetok.commands.demo:demo",
+    "plugins": "edgetok.commands.plugins:plugins",
 }
 
 

@@ -1,0 +1,120 @@
+"""``validate``: latency (p50/p90/p99, throughput) of one export on one backend
+against a budget, parity against the torch model where available, and the
+unreduced baseline measured in the same run when given.
+
+Speed claims are ratios against the baseline measured in the same process,
+with the ideal FLOPs ratio from the two manifests beside them.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..runtime.artifacts import write_json
+from ..runtime.session import Session, load
+from .latency import measure
+from .parity import compare
+
+
+def _inputs(sess: Session, batch: int, seed: int = 0) -> np.ndarray:
+    shape = sess.input.with_batch(batch)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _measure(sess: Session, x: np.ndarray, runs: int, warmup: int) -> dict:
+    stats = measure(lambda: sess.run_prepared(x), sess.sync, x.shape[0], runs, warmup)
+    m = sess.manifest
+    return {
+        "path": str(sess.artifacts.root if sess.artifacts else "module"),
+        "backend": sess.backend,
+        "model": m.get("model"),
+        "method": m.get("method"),
+        "params": m.get("params"),
+        "tokens": m.get("tokens"),
+        "flops": m.get("flops"),
+        "latency": stats.to_dict(),
+    }
+
+
+def _gflops(m) -> Optional[float]:
+    f = m.get("flops") if m else None
+    if isinstance(f, dict):
+        f = f.get("total")
+    return float(f) if isinstance(f, (int, float)) and f > 0 else None
+
+
+def validate(
+    path,
+    backend: Optional[str] = None,
+    budget_ms: Optional[float] = None,
+    batch: int = 1,
+    runs: int = 50,
+    warmup: int = 10,
+    baseline=None,
+    torch_model=None,
+    atol: float = 1e-4,
+    report_path=None,
+    **options,
+) -> dict:
+    """Measure ``path``; returns the report dict (``passed`` False when p99 > budget_ms)."""
+    sess = load(path, backend=backend, **options)
+    x = _inputs(sess, batch)
+    report = {"schema": "edgetok.validate/1", "machine": _machine(), "batch": batch, "runs": runs, "warmup": warmup,
+              "budget_ms": budget_ms}
+    report["model"] = _measure(sess, x, runs, warmup)
+    if torch_model is not None or _has_torch(sess):
+        ref = load(path, backend="torch", preprocess=False, **({"module": torch_model} if torch_model is not None else {}))
+        out = sess.run_prepared(x)
+        ref_out = ref.run_prepared(x)
+        name = sess.output_names[0]
+        report["parity"] = {"output": name, **compare(out[name], next(iter(ref_out.values())), atol)}
+    else:
+        report["parity"] = {"skipped": "no torch model (pass torch_model= or save model.pt2 in the export dir)"}
+    if baseline is not None:
+        base = load(baseline, backend=backend, **options)
+        report["baseline"] = _measure(base, _inputs(base, batch), runs, warmup)
+        b, r = report["baseline"]["latency"], report["model"]["latency"]
+        report["speedup"] = {
+            "p50": b["p50_ms"] / r["p50_ms"],
+            "p99": b["p99_ms"] / r["p99_ms"],
+            "throughput": r["throughput"] / b["throughput"],
+            "flops_ideal": (_gflops(base.manifest) / _gflops(sess.manifest))
+            if _gflops(base.manifest) and _gflops(sess.manifest) else None,
+        }
+    p99 = report["model"]["latency"]["p99_ms"]
+    report["passed"] = budget_ms is None or p99 <= budget_ms
+    if budget_ms is not None and not report["passed"]:
+        report["failure"] = f"p99 {p99:.3f} ms exceeds the budget of {budget_ms} ms"
+    if report_path:
+        write_json(Path(report_path), report)
+    return report
+
+
+def _has_torch(sess: Session) -> bool:
+    from ..runtime.backends import TORCH_FILES
+
+    return sess.backend != "torch" and sess.artifacts is not None and any(
+        (sess.artifacts.root / f).exists() for f in TORCH_FILES
+    )
+
+
+def _machine() -> dict:
+    import os
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}
+    from ..trt.env import gpu_info, tensorrt_version
+
+    gpu = gpu_info()
+    info["gpu"] = gpu.to_dict() if gpu else None
+    info["tensorrt"] = tensorrt_version()
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
