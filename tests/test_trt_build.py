@@ -165,9 +165,17 @@ def test_missing_plugin_library(monkeypatch, tmp_path):
     monkeypatch.delenv("EDGETOK_PLUGIN_LIBRARY", raising=False)
     with pytest.raises(PluginLibraryError, match="does not exist"):
         plugin_library(tmp_path / "libnope.so")
-    monkeypatch.setitem(__import__("sys").modules, "edgetok.plugins", None)  # edgetok.plugins unavailable
-    with pytest.raises(PluginLibraryError, match="--plugin-library"):
+    monkeypatch.setenv("EDGETOK_PLUGIN_DIR", str(tmp_path))  # edgetok.plugins looks in an empty build dir
+    with pytest.raises(PluginLibraryError, match="not built"):
         plugin_library()
+    stripped = _export_edgetok(tmp_path / "s", with_body=False, target="trt")
+    monkeypatch.setattr("edgetok.trt.builder.tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr("edgetok.trt.builder.gpu_info", lambda: GpuInfo("Orin", 87))
+    with pytest.raises(PluginLibraryError):  # checked before TensorRT is touched
+        build(stripped, "jetson-orin-nano", output=tmp_path / "o")
+    with pytest.raises(TargetMismatchError, match="sm_87 but this GPU is H100"):
+        monkeypatch.setattr("edgetok.trt.builder.gpu_info", lambda: GpuInfo("H100", 90))
+        build(stripped, "jetson-orin-nano", output=tmp_path / "o")
 
 
 def test_build_key_changes_with_each_input(plain, tmp_path):

@@ -99,8 +99,8 @@ def plugin_library(explicit: Optional[os.PathLike] = None) -> Path:
             "edgetok.plugins has no library_path(); pass --plugin-library PATH or set EDGETOK_PLUGIN_LIBRARY"
         )
     try:
-        path = locate()
-    except EdgetokError as e:
+        path = locate("trt")
+    except (EdgetokError, FileNotFoundError) as e:
         raise PluginLibraryError(f"edgetok plugin library not found: {e}") from None
     if path is None or not Path(path).is_file():
         raise PluginLibraryError(

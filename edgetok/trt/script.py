@@ -23,7 +23,7 @@ from .plan import BuildPlan, sm_name, vtuple
 
 SCRIPT = "build_engine.sh"
 PLUGIN_BUILD_DIR = "build/plugins"
-DEFAULT_LIBRARY = "libedgetok_plugins.so"
+DEFAULT_LIBRARY = "libedgetok_trt_plugins.so"
 # Tegra SoC -> compute capability, for Jetsons without nvidia-smi
 TEGRA_SM = {"tegra234": 87, "tegra194": 72, "tegra186": 62}
 
@@ -34,18 +34,18 @@ def plugin_sources() -> Optional[Path]:
 
 
 def plugin_build_commands(sm: Optional[int]) -> tuple[list[str], str]:
-    """(shell commands building the plugin library in the bundle, the library path they produce).
-    edgetok.plugins may provide ``build_commands(sm, source_dir, build_dir)`` and ``LIBRARY_NAME``."""
+    """(shell commands building the TensorRT plugin library in the bundle, the library they produce);
+    the CMake options are those edgetok.plugins.build uses."""
     try:
-        from .. import plugins as p
-    except ImportError:
-        p = None
-    name = getattr(p, "LIBRARY_NAME", DEFAULT_LIBRARY)
-    if p is not None and hasattr(p, "build_commands"):
-        return list(p.build_commands(sm=sm, source_dir="plugins", build_dir=PLUGIN_BUILD_DIR)), f"{PLUGIN_BUILD_DIR}/{name}"
+        from ..plugins import LIBRARIES
+
+        name = LIBRARIES["trt"]
+    except (ImportError, KeyError):
+        name = DEFAULT_LIBRARY
     arch = f" -DCMAKE_CUDA_ARCHITECTURES={sm}" if sm else ""
     return [
-        f"cmake -S plugins -B {PLUGIN_BUILD_DIR} -DCMAKE_BUILD_TYPE=Release -DEDGETOK_TENSORRT=ON{arch}",
+        f"cmake -S plugins -B {PLUGIN_BUILD_DIR} -DCMAKE_BUILD_TYPE=Release -DEDGETOK_BUILD_KERNELS=ON "
+        f"-DEDGETOK_BUILD_TRT_PLUGIN=ON{arch}",
         f'cmake --build {PLUGIN_BUILD_DIR} -j"$(nproc)"',
     ], f"{PLUGIN_BUILD_DIR}/{name}"
 
