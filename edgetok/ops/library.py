@@ -23,6 +23,12 @@ def _own(t: Tensor, like: Tensor) -> Tensor:
     return t.clone() if t is like else t
 
 
+def _bound(n):
+    # after an earlier adaptive step n is itself data-dependent (a SymInt), which
+    # new_dynamic_size does not accept as a bound: leave the size unbounded then
+    return n if isinstance(n, int) else None
+
+
 @torch.library.custom_op("edgetok::token_merge", mutates_args=())
 def token_merge(x: Tensor, metric: Tensor, size: Tensor, r: int, protect_first: int) -> tuple[Tensor, Tensor]:
     """ToMe bipartite soft matching: [B,N,C] -> [B,N-r,C] plus sizes [B,N-r,1]."""
@@ -60,7 +66,7 @@ def threshold_merge(
 @threshold_merge.register_fake
 def _(x, metric, size, threshold, protect_first):
     b, n, c = x.shape
-    m = torch.library.get_ctx().new_dynamic_size(min=0, max=n)
+    m = torch.library.get_ctx().new_dynamic_size(min=0, max=_bound(n))
     return x.new_empty(b, m, c), size.new_empty(b, m, 1), x.new_empty(b, dtype=torch.int64)
 
 
@@ -73,5 +79,5 @@ def diff_drop(x: Tensor, prev: Tensor, threshold: float, protect_first: int) -> 
 @diff_drop.register_fake
 def _(x, prev, threshold, protect_first):
     b, n, c = x.shape
-    m = torch.library.get_ctx().new_dynamic_size(min=0, max=n)
+    m = torch.library.get_ctx().new_dynamic_size(min=0, max=_bound(n))
     return x.new_empty(b, m, c), x.new_empty(b, m, dtype=torch.int64), x.new_empty(b, dtype=torch.int64)
