@@ -1,0 +1,331 @@
+// TensorRT IPluginV3 plugins over the edgetok kernels: TokenMerge, TokenDrop, ThresholdMerge.
+//
+// Registered as namespace "edgetok", version "1", names equal to the ONNX op types, so the
+// ONNX parser finds them from a node's op_type + plugin_version + plugin_namespace. Fields
+// match the ONNX attributes: r, keep, protect_first, fuse_dropped as kINT32, threshold as
+// kFLOAT32. The library exports setLoggerFinder + getCreators, the entry points
+// IPluginRegistry::loadLibrary and `trtexec --dynamicPlugins=` look for.
+//
+// Written against the public TensorRT 10 plugin API (NvInferRuntime.h); it is compiled only
+// where TensorRT is installed (CMake option EDGETOK_BUILD_TRT_PLUGIN). The kernels and all
+// semantics live in libedgetok_kernels.so (the C API in edgetok/kernels.h).
+//
+// ThresholdMerge has a data-dependent token count M: it declares a 0-D INT64 size tensor as
+// its fourth output (IExprBuilder::declareSizeTensor, upper bound N) and writes
+// x_out [B,M,C], size_out [B,M,1], count [B] (INT64) with the row stride M computed on the
+// device. TensorRT 8.5 (JetPack 5) has no IPluginV3; no IPluginV2DynamicExt variant is built.
+#include <NvInferRuntime.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "edgetok/kernels.h"
+
+using namespace nvinfer1;
+
+namespace {
+
+constexpr char kNamespace[] = "edgetok";
+constexpr char kVersion[] = "1";
+
+ILoggerFinder* gLoggerFinder = nullptr;
+
+void logError(std::string const& msg) {
+    ILogger* logger = gLoggerFinder ? gLoggerFinder->findLogger() : nullptr;
+    if (logger)
+        logger->log(ILogger::Severity::kERROR, msg.c_str());
+    else
+        std::fprintf(stderr, "edgetok plugin: %s\n", msg.c_str());
+}
+
+int dtypeCode(DataType t) {
+    switch (t) {
+        case DataType::kFLOAT: return EDGETOK_F32;
+        case DataType::kHALF: return EDGETOK_F16;
+        case DataType::kBF16: return EDGETOK_BF16;
+        default: return -1;
+    }
+}
+
+// One scalar attribute of a plugin: its ONNX name and where its value lives.
+struct Attr {
+    char const* name;
+    PluginFieldType type;  // kINT32 or kFLOAT32
+    void* value;
+};
+
+// What every edgetok plugin shares: identity, capabilities, attribute (de)serialisation.
+class PluginBase : public IPluginV3, public IPluginV3OneCore, public IPluginV3OneBuild, public IPluginV3OneRuntime {
+public:
+    explicit PluginBase(char const* name) : mName(name) {}
+
+    IPluginCapability* getCapabilityInterface(PluginCapabilityType type) noexcept override {
+        if (type == PluginCapabilityType::kBUILD) return static_cast<IPluginV3OneBuild*>(this);
+        if (type == PluginCapabilityType::kRUNTIME) return static_cast<IPluginV3OneRuntime*>(this);
+        return static_cast<IPluginV3OneCore*>(this);
+    }
+    char const* getPluginName() const noexcept override { return mName; }
+    char const* getPluginVersion() const noexcept override { return kVersion; }
+    char const* getPluginNamespace() const noexcept override { return kNamespace; }
+
+    int32_t configurePlugin(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
+                            int32_t) noexcept override {
+        return 0;
+    }
+    int32_t onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*, int32_t) noexcept override {
+        return 0;
+    }
+    IPluginV3* attachToContext(IPluginResourceContext*) noexcept override { return clone(); }
+
+    PluginFieldCollection const* getFieldsToSerialize() noexcept override {
+        mFields.clear();
+        for (Attr const& a : attrs()) mFields.emplace_back(a.name, a.value, a.type, 1);
+        mCollection.nbFields = static_cast<int32_t>(mFields.size());
+        mCollection.fields = mFields.data();
+        return &mCollection;
+    }
+
+    // Reads this plugin's attributes from a field collection; unknown fields (e.g. the parser's
+    // plugin_namespace / plugin_version) are ignored. False if a field has the wrong type.
+    bool readFields(PluginFieldCollection const* fc) {
+        for (int32_t i = 0; fc && i < fc->nbFields; ++i) {
+            PluginField const& f = fc->fields[i];
+            for (Attr const& a : attrs()) {
+                if (std::strcmp(f.name, a.name) != 0) continue;
+                if (f.type != a.type || f.length < 1 || f.data == nullptr) {
+                    logError(std::string(mName) + ": attribute '" + a.name + "' must be one " +
+                             (a.type == PluginFieldType::kINT32 ? "INT32" : "FLOAT32"));
+                    return false;
+                }
+                std::memcpy(a.value, f.data, 4);
+            }
+        }
+        return true;
+    }
+
+    virtual std::vector<Attr> attrs() = 0;
+
+protected:
+    // Float inputs share one dtype (x's); other positions are checked by the subclass.
+    bool floatIo(int32_t pos, DynamicPluginTensorDesc const* io) const {
+        DataType t = io[pos].desc.type;
+        if (pos == 0) return dtypeCode(t) >= 0;
+        return t == io[0].desc.type;
+    }
+    static bool linear(int32_t pos, DynamicPluginTensorDesc const* io) {
+        return io[pos].desc.format == TensorFormat::kLINEAR;
+    }
+    int32_t report(int rc, char const* what) const {
+        if (rc == EDGETOK_OK) return 0;
+        logError(std::string(mName) + " " + what + ": " + edgetok_last_error());
+        return -1;
+    }
+
+    char const* mName;
+    std::vector<PluginField> mFields;
+    PluginFieldCollection mCollection{};
+};
+
+// ---------------------------------------------------------------------------------------
+
+class TokenMergePlugin final : public PluginBase {
+public:
+    TokenMergePlugin() : PluginBase("TokenMerge") {}
+    std::vector<Attr> attrs() override {
+        return {{"r", PluginFieldType::kINT32, &mR}, {"protect_first", PluginFieldType::kINT32, &mProtect}};
+    }
+    IPluginV3* clone() noexcept override { return new TokenMergePlugin(*this); }
+    int32_t getNbOutputs() const noexcept override { return 2; }
+
+    bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
+        return linear(pos, io) && floatIo(pos, io);  // x, metric, size, x_out, size_out
+    }
+    int32_t getOutputDataTypes(DataType* out, int32_t, DataType const* in, int32_t) const noexcept override {
+        out[0] = out[1] = in[0];
+        return 0;
+    }
+    int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
+                            IExprBuilder& eb) noexcept override {
+        if (nbInputs != 3 || in[0].nbDims != 3) return -1;
+        auto const* rows = eb.operation(DimensionOperation::kSUB, *in[0].d[1], *eb.constant(mR));
+        out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = rows, out[0].d[2] = in[0].d[2];
+        out[1].nbDims = 3, out[1].d[0] = in[0].d[0], out[1].d[1] = rows, out[1].d[2] = eb.constant(1);
+        return 0;
+    }
+    size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t, DynamicPluginTensorDesc const*,
+                            int32_t) const noexcept override {
+        return edgetok_token_merge_workspace_size(in[0].max.d[0], in[0].max.d[1]);
+    }
+    int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
+                    void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
+        Dims const& d = in[0].dims;
+        return report(edgetok_token_merge(dtypeCode(in[0].type), inputs[0], inputs[1], inputs[2], outputs[0],
+                                          outputs[1], d.d[0], d.d[1], d.d[2], in[1].dims.d[2], mR, mProtect,
+                                          workspace, edgetok_token_merge_workspace_size(d.d[0], d.d[1]), stream),
+                      "enqueue");
+    }
+
+private:
+    int32_t mR{0}, mProtect{1};
+};
+
+class TokenDropPlugin final : public PluginBase {
+public:
+    TokenDropPlugin() : PluginBase("TokenDrop") {}
+    std::vector<Attr> attrs() override {
+        return {{"keep", PluginFieldType::kINT32, &mKeep},
+                {"protect_first", PluginFieldType::kINT32, &mProtect},
+                {"fuse_dropped", PluginFieldType::kINT32, &mFuse}};
+    }
+    IPluginV3* clone() noexcept override { return new TokenDropPlugin(*this); }
+    int32_t getNbOutputs() const noexcept override { return 2; }
+
+    bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
+        if (!linear(pos, io)) return false;
+        if (pos == 3) return io[pos].desc.type == DataType::kINT64;  // idx
+        return floatIo(pos, io);  // x, score, x_out
+    }
+    int32_t getOutputDataTypes(DataType* out, int32_t, DataType const* in, int32_t) const noexcept override {
+        out[0] = in[0];
+        out[1] = DataType::kINT64;
+        return 0;
+    }
+    int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
+                            IExprBuilder& eb) noexcept override {
+        if (nbInputs != 2 || in[0].nbDims != 3) return -1;
+        out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = eb.constant(mKeep + (mFuse ? 1 : 0));
+        out[0].d[2] = in[0].d[2];
+        out[1].nbDims = 2, out[1].d[0] = in[0].d[0], out[1].d[1] = eb.constant(mKeep);
+        return 0;
+    }
+    size_t getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
+                            int32_t) const noexcept override {
+        return 0;
+    }
+    int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
+                    void* const* outputs, void*, cudaStream_t stream) noexcept override {
+        Dims const& d = in[0].dims;
+        return report(edgetok_token_drop(dtypeCode(in[0].type), inputs[0], inputs[1], outputs[0],
+                                         static_cast<int64_t*>(outputs[1]), d.d[0], d.d[1], d.d[2], mKeep, mProtect,
+                                         mFuse ? 1 : 0, nullptr, 0, stream),
+                      "enqueue");
+    }
+
+private:
+    int32_t mKeep{1}, mProtect{1}, mFuse{0};
+};
+
+class ThresholdMergePlugin final : public PluginBase {
+public:
+    ThresholdMergePlugin() : PluginBase("ThresholdMerge") {}
+    std::vector<Attr> attrs() override {
+        return {{"threshold", PluginFieldType::kFLOAT32, &mThreshold},
+                {"protect_first", PluginFieldType::kINT32, &mProtect}};
+    }
+    IPluginV3* clone() noexcept override { return new ThresholdMergePlugin(*this); }
+    // x_out, size_out, count, and the 0-D size tensor M
+    int32_t getNbOutputs() const noexcept override { return 4; }
+
+    bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
+        if (!linear(pos, io)) return false;
+        if (pos == 5 || pos == 6) return io[pos].desc.type == DataType::kINT64;  // count, size tensor
+        return floatIo(pos, io);  // x, metric, size, x_out, size_out
+    }
+    int32_t getOutputDataTypes(DataType* out, int32_t, DataType const* in, int32_t) const noexcept override {
+        out[0] = out[1] = in[0];
+        out[2] = out[3] = DataType::kINT64;
+        return 0;
+    }
+    int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
+                            IExprBuilder& eb) noexcept override {
+        if (nbInputs != 3 || in[0].nbDims != 3) return -1;
+        IDimensionExpr const* n = in[0].d[1];
+        // Optimisation hint: about three quarters of the tokens stay; upper bound: all of them.
+        auto const* opt = eb.operation(DimensionOperation::kFLOOR_DIV,
+                                       *eb.operation(DimensionOperation::kPROD, *n, *eb.constant(3)), *eb.constant(4));
+        auto const* m = eb.declareSizeTensor(3, *opt, *n);
+        out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = m, out[0].d[2] = in[0].d[2];
+        out[1].nbDims = 3, out[1].d[0] = in[0].d[0], out[1].d[1] = m, out[1].d[2] = eb.constant(1);
+        out[2].nbDims = 1, out[2].d[0] = in[0].d[0];
+        out[3].nbDims = 0;  // size tensors are 0-D
+        return 0;
+    }
+    size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t, DynamicPluginTensorDesc const*,
+                            int32_t) const noexcept override {
+        return edgetok_threshold_merge_workspace_size(in[0].max.d[0], in[0].max.d[1]);
+    }
+    int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
+                    void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
+        Dims const& d = in[0].dims;
+        return report(edgetok_threshold_merge(dtypeCode(in[0].type), inputs[0], inputs[1], inputs[2], outputs[0],
+                                              outputs[1], static_cast<int64_t*>(outputs[2]),
+                                              static_cast<int64_t*>(outputs[3]), d.d[0], d.d[1], d.d[2],
+                                              in[1].dims.d[2], mThreshold, mProtect, workspace,
+                                              edgetok_threshold_merge_workspace_size(d.d[0], d.d[1]), stream),
+                      "enqueue");
+    }
+
+private:
+    float mThreshold{0.9f};
+    int32_t mProtect{1};
+};
+
+// ---------------------------------------------------------------------------------------
+
+template <class Plugin>
+class Creator final : public IPluginCreatorV3One {
+public:
+    Creator() {
+        Plugin proto;
+        mName = proto.getPluginName();
+        for (Attr const& a : proto.attrs()) {
+            mNames.emplace_back(a.name);
+        }
+        for (size_t i = 0; i < mNames.size(); ++i)
+            mFieldNames.emplace_back(mNames[i].c_str(), nullptr, proto.attrs()[i].type, 1);
+        mCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
+        mCollection.fields = mFieldNames.data();
+    }
+    char const* getPluginName() const noexcept override { return mName.c_str(); }
+    char const* getPluginVersion() const noexcept override { return kVersion; }
+    char const* getPluginNamespace() const noexcept override { return kNamespace; }
+    PluginFieldCollection const* getFieldNames() noexcept override { return &mCollection; }
+
+    IPluginV3* createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept override {
+        try {
+            auto* p = new Plugin();
+            if (!p->readFields(fc)) {
+                delete p;
+                return nullptr;
+            }
+            return p;
+        } catch (...) {
+            logError(mName + ": could not create the plugin");
+            return nullptr;
+        }
+    }
+
+private:
+    std::string mName;
+    std::vector<std::string> mNames;
+    std::vector<PluginField> mFieldNames;
+    PluginFieldCollection mCollection{};
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFinder* finder) {
+    gLoggerFinder = finder;
+}
+
+extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
+    static Creator<TokenMergePlugin> merge;
+    static Creator<TokenDropPlugin> drop;
+    static Creator<ThresholdMergePlugin> threshold;
+    static IPluginCreatorInterface* const creators[] = {&merge, &drop, &threshold};
+    nbCreators = 3;
+    return creators;
+}
