@@ -1,2 +1,3 @@
 """Imports every built-in method module so their @register_method runs."""
 from . import drop, dtd, dymu, tome  # noqa: F401
+from . import flexdit, focus_detr, mrt5, tail_drop  # noqa: F401,E402  (issue 8: non-ViT/ordered-token methods)

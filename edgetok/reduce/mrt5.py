@@ -123,3 +123,14 @@ def build_mrt5(depth: int, tokens: int, protect: int, dim: int = 0, layer: int =
     reducers = [step if i == layer else None for i in range(depth)]
     params = {"layer": layer, "max_keep": max_keep, "gate_path": gate_path, "scale": scale, "seed": seed}
     return Plan("mrt5", params, reducers, adaptive=max_keep is None)
+
+
+def apply(model: nn.Module, layer: int = 2, max_keep: Optional[int] = None, gate_path: Optional[str] = None,
+          scale: float = GATE_SCALE, seed: int = 0) -> nn.Module:
+    """An MrT5 copy of a Hugging Face T5EncoderModel (ByT5 or any T5 config)."""
+    from ..patch.hf_t5 import reduce_t5, t5_encoder
+
+    enc = t5_encoder(model)
+    plan = build_mrt5(len(enc.block), 0, 0, dim=enc.config.d_model, layer=layer, max_keep=max_keep,
+                      gate_path=gate_path, scale=scale, seed=seed)
+    return reduce_t5(model, plan)
