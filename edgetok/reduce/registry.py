@@ -1,6 +1,7 @@
 """Registry of reduction methods: ``edgetok.apply(model, NAME, **params)``."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -42,9 +43,14 @@ def register_method(name: str, summary: str, kind: str = "blocks"):
     return deco
 
 
-def get_method(name: str) -> Method:
-    from . import methods  # noqa: F401  (registers the built-in methods)
+def _load_builtin() -> None:
+    # by module path: ``from . import methods`` would find the package's re-exported
+    # methods() function instead of the methods module, and register nothing
+    importlib.import_module(f"{__package__}.methods")
 
+
+def get_method(name: str) -> Method:
+    _load_builtin()
     if name not in _METHODS:
         raise UnknownMethodError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
@@ -52,6 +58,5 @@ def get_method(name: str) -> Method:
 
 def methods() -> dict[str, str]:
     """Registered method names with a one-line summary each."""
-    from . import methods as _  # noqa: F401
-
+    _load_builtin()
     return {name: m.summary for name, m in sorted(_METHODS.items())}
