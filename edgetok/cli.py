@@ -14,7 +14,7 @@ COMMANDS = {
     "validate": "edgetok.commands.validate:validate",
     "demo": "edgetok.commands.demo:demo",
     "plugins": "edgetok.commands.plugins:plugins",
-    "plugins": "edgetok.commands.plugins:plugins",
+    "stream": "edgetok.commands.stream:stream",
 }
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import EdgetokError, MissingDependencyError
-from .encoder import StepOutput, StreamingEncoder, StreamState
+from .encoder import StepOutput, StreamingEncoder, StreamState, default_budget
 
 INPUTS = ["frame", "ref", "k_cache", "v_cache", "token_cache", "refresh"]
 OUTPUTS = ["tokens", "changed_tokens", "idx", "valid", "changed", "ref_out", "k_cache_out", "v_cache_out"]
@@ -44,15 +44,28 @@ class StreamStep(nn.Module):
         return out.tokens, out.changed_tokens, out.idx, out.valid, out.changed, st.ref, st.k, st.v
 
 
-def _onnx_export(module: nn.Module, args: tuple, path: Path, opset: int) -> None:
+class FullEncoder(nn.Module):
+    """Plain per-frame encoding (every token, every block): the baseline the stream is timed against."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frame):
+        from .encoder import encode_full
+
+        return encode_full(self.model, frame)
+
+
+def _onnx_export(module: nn.Module, args: tuple, path: Path, opset: int, inputs=INPUTS, outputs=OUTPUTS) -> None:
     """torch -> ONNX through the dynamo exporter with the edgetok op translations and bodies."""
     import onnx
 
     from ..ops.onnx import add_functions, custom_translation_table
 
     with torch.no_grad():
-        prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=INPUTS,
-                                 output_names=OUTPUTS, custom_translation_table=custom_translation_table(),
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=inputs,
+                                 output_names=outputs, custom_translation_table=custom_translation_table(),
                                  verbose=False)
     model = add_functions(prog.model_proto)
     onnx.checker.check_model(model, full_check=True)
@@ -77,8 +90,6 @@ class StreamExport:
 
 def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int = 18) -> StreamExport:
     """Write stream_delta.onnx, stream_full.onnx and stream.json (the policy) to ``out_dir``."""
-    from ..stream.encoder import default_budget
-
     core = encoder.core
     info = core.info
     budget = encoder.budget or default_budget(core.num_patches, encoder.max_changed_share)
@@ -104,6 +115,17 @@ def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "stream.json")
     return StreamExport(out, manifest)
+
+
+def export_full(model: nn.Module, path, batch: int = 1, opset: int = 18) -> Path:
+    """The plain encoder (frame -> tokens [B,N,C]) as ONNX, for timing the stream against it in ORT."""
+    from .encoder import _adapter
+
+    info = _adapter(model).info(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _onnx_export(FullEncoder(model).eval(), (torch.zeros(batch, *info.input_shape),), path, opset, ["frame"], ["tokens"])
+    return path
 
 
 class OrtStreamingEncoder:

