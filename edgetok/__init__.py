@@ -6,6 +6,9 @@
     edgetok.flops(fast, (3, 224, 224)).total
 """
 from . import ops  # noqa: F401  (registers the edgetok:: torch ops)
+from .plugins import register_cuda_kernels
+
+register_cuda_kernels()  # fused CUDA kernels for the ops where plugins/ is built; loads nothing until first use
 from .api import apply, flops, methods, token_counts
 from .errors import EdgetokError, ScheduleError, UnknownMethodError, UnsupportedModelError
 
