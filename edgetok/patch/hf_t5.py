@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EdgetokError, UnsupportedModelError
@@ -62,7 +61,9 @@ def self_attention(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> tor
     b, n, _ = x.shape
     h = layer.layer_norm(x)
     q, k, v = (p(h).view(b, n, a.n_heads, a.key_value_proj_dim).transpose(1, 2) for p in (a.q, a.k, a.v))
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    # written out, not SDPA: the ONNX exporter's SDPA decomposition with a [B,H,N,N] float
+    # bias yields strides its own reshape then rejects (torch 2.14)
+    o = ((q @ k.transpose(-1, -2)) + bias).softmax(-1) @ v
     return x + layer.dropout(a.o(o.transpose(1, 2).reshape(b, n, -1)))
 
 
