@@ -8,8 +8,9 @@ to M logits (LayerNorm -> Linear(C, C*hidden_ratio) -> GELU -> Linear(., M),
 times a learned scale); a softmax over the N input tokens gives an M x N
 aggregation matrix A whose rows are convex weights, and the M output tokens
 are A @ X. The class (and register) tokens pass through unchanged, as in SiT.
-Token sizes are aggregated the same way (A @ size), so each output token
-records how many patches it stands for. The slimming layers are given
+Token sizes (patches per token) are split over the outputs in proportion to
+each input's aggregation weights (columns of A normalised), so the slimmed
+tokens still stand for all the patches (used by size-weighted pooling). The slimming layers are given
 (nn.Modules, state dicts in SiT's TokenSlimmingModule layout — keys
 ``weight.*`` and ``scale`` — or a torch file holding a list of them) or
 initialised randomly from ``seed`` the way SiT initialises them
@@ -60,7 +61,8 @@ class SlimmingLayer(nn.Module):
 def slim_tokens(x: torch.Tensor, size: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Aggregate ``x`` [B,N,C] into M tokens with ``logits`` [B,N,M] (softmax over N)."""
     a = logits.softmax(dim=1).transpose(1, 2)  # [B,M,N], rows sum to 1
-    return a @ x, a @ size
+    share = a / a.sum(dim=1, keepdim=True).clamp_min(1e-12)  # each input's patches split over the outputs
+    return a @ x, share @ size
 
 
 class TokenSlimming(Reducer):
