@@ -1,0 +1,362 @@
+"""torch -> ONNX: one ``edgetok`` node per reduction step, checked and written atomically.
+
+``export_model(model, "out/vit-tome")`` traces the (reduced) model with the
+dynamo exporter, maps each ``torch.ops.edgetok.*`` call to its ``edgetok``
+node (edgetok/ops/onnx.py), appends the function bodies, rewrites the graph
+for the target (targets.py), runs the ONNX checker (full check with shape
+inference) and an ONNX Runtime CPU parity check against the torch model, and
+writes ``model.onnx`` + ``manifest.json`` (manifest.py) into the output
+directory: everything goes to a temporary directory beside it first and is
+renamed into place at the end, so a failure leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import EdgetokError
+from . import manifest as _manifest
+from .targets import DOMAIN, TARGETS, apply_target
+
+INPUT_NAME = "pixel_values"
+DEFAULT_OPSET = 18
+TOLERANCE = 1e-4
+MAX_BATCH = 4096  # upper bound of the dynamic batch axis given to torch.export
+
+
+class ExportError(EdgetokError, RuntimeError):
+    """The model could not be exported, or the export failed a check."""
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    onnx_path: Path
+    manifest_path: Path
+    manifest: dict
+
+    @property
+    def parity(self) -> Optional[dict]:
+        return self.manifest["parity"]
+
+
+class _ImageModel(nn.Module):
+    """Gives the exported graph one named input (and hides *args forwards from torch.export)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values)
+
+
+class _ShapeHint(nn.Module):
+    """Wraps an adaptive reducer during export: tells torch.export that the
+    data-dependent token count is between 1 and the count it got, which is what
+    downstream attention/reshape code needs to trace (torch._check hints)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, size, ctx):
+        n = x.shape[1]
+        out, out_size = self.inner(x, size, ctx)
+        m = out.shape[1]
+        torch._check(m >= 1)
+        torch._check(m <= n)
+        return out, out_size
+
+
+@contextlib.contextmanager
+def _export_mode(model: nn.Module):
+    """Hints on adaptive reducers, and SDPA's math backend while tracing: with the
+    CPU flash kernel, torch.export records a view of the attention output that the
+    decomposed graph cannot honour ("Cannot view a tensor ...")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    swapped = []
+    for module in model.modules():
+        red = getattr(module, "token_reducer", None)
+        if red is not None and getattr(red, "adaptive", False):
+            swapped.append((module, red))
+            module.token_reducer = _ShapeHint(red)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for module, red in swapped:
+            module.token_reducer = red
+
+
+def _output_names(out) -> list[str]:
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if isinstance(out, dict):  # also transformers' ModelOutput
+        return [k for k, v in out.items() if v is not None]
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return [f"output_{i}" for i in range(len(leaves))]
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of a (long, multi-section) exporter error that says what failed."""
+    import re
+
+    text = str(e).split("Exception summary", 1)[-1]
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+    line = re.sub(r"^<class '[\w.]+'>: ", "", lines[0]) if lines else type(e).__name__
+    return line[:300]
+
+
+def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
+                batch: Optional[int] = None):
+    """The full-form ONNX model (edgetok nodes + their bodies) of ``model`` for images
+    of ``input_shape`` (C, H, W): dynamic batch axis, or a fixed ``batch``."""
+    from ..ops.onnx import add_functions, custom_translation_table
+
+    model = model.eval()
+    example = torch.randn(batch or 2, *input_shape, generator=torch.Generator().manual_seed(0))
+    wrapped = _ImageModel(model).eval()
+    with torch.no_grad():
+        names = _output_names(model(example))
+    dynamic = None
+    if batch is None:
+        dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    try:
+        with _export_mode(model), torch.no_grad():
+            program = torch.onnx.export(
+                wrapped,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=names,
+                dynamic_shapes=dynamic,
+                custom_translation_table=custom_translation_table(),
+                verbose=False,
+            )
+    except EdgetokError:
+        raise
+    except Exception as e:  # torch.export raises many types; the first line says what failed
+        raise ExportError(f"the ONNX exporter cannot handle this model: {_first_line(e)}") from e
+    proto = add_functions(program.model_proto)
+    proto.producer_name = "edgetok"
+    return proto
+
+
+def check(path: Path) -> None:
+    """onnx.checker full check (with shape inference) of the file at ``path``."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported model fails the ONNX checker: {str(e).splitlines()[0]}") from None
+
+
+def parity(path: Path, model: nn.Module, input_shape: Sequence[int], batches: Sequence[int],
+           tolerance: float = TOLERANCE, seed: int = 0) -> dict:
+    """Max abs difference between ONNX Runtime CPU and the torch model per batch size."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    errors = {}
+    for b in batches:
+        x = torch.randn(b, *input_shape, generator=gen)
+        with torch.no_grad():
+            ref = [t.numpy() for t in torch.utils._pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
+        got = session.run(None, {INPUT_NAME: x.numpy()})
+        if [r.shape for r in ref] != [g.shape for g in got]:
+            raise ExportError(f"ONNX Runtime output shapes {[g.shape for g in got]} differ from torch's "
+                              f"{[r.shape for r in ref]} at batch {b}")
+        err = max(float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0 for r, g in zip(ref, got))
+        errors[str(b)] = err
+        if not err <= tolerance:
+            raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} at batch {b} "
+                              f"(tolerance {tolerance:g})")
+    return {"batches": list(batches), "max_abs_err": errors, "tolerance": tolerance}
+
+
+def _edgetok_nodes(proto) -> list[dict]:
+    import onnx
+
+    return [
+        {"name": n.name, "op_type": n.op_type,
+         "attributes": {a.name: _attr(onnx.helper.get_attribute_value(a)) for a in n.attribute}}
+        for n in proto.graph.node if n.domain == DOMAIN
+    ]
+
+
+def _attr(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _value_spec(vi) -> dict:
+    import onnx
+
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+    return {"name": vi.name, "shape": dims, "dtype": dtype}
+
+
+def _prepare_dir(output_dir: Path) -> tuple[Path, Optional[Path]]:
+    """A fresh temporary directory beside ``output_dir`` (same filesystem, so the final
+    rename is atomic), and the topmost parent directory it had to create (removed
+    again on failure); fails early when the destination cannot be written."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExportError(f"output {str(output_dir)!r} exists and is not a directory; choose another --output")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / "manifest.json").is_file():
+        raise ExportError(f"output directory {str(output_dir)!r} is not empty and holds no edgetok export; "
+                          "choose an empty or new directory")
+    parent = output_dir.resolve().parent
+    created = next((p for p in reversed([parent, *parent.parents]) if not p.exists()), None)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"cannot write to {str(parent)!r} ({e.strerror}); choose another --output") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+    return tmp, created
+    except OSError as e:
+        raise ExportError(f"cannot write to {str(parent)!r} ({e.strerror}); choose another --output") from None
+
+
+def _commit_dir(tmp: Path, output_dir: Path) -> None:
+    old = None
+    if output_dir.exists():  # a previous export: swap it out, then remove it
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.rename(output_dir, old)
+    os.rename(tmp, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(
+    model: nn.Module,
+    output_dir,
+    *,
+    target: str = "portable",
+    opset: int = DEFAULT_OPSET,
+    batch: Optional[int] = None,
+    parity_batches: Optional[Sequence[int]] = None,
+    tolerance: float = TOLERANCE,
+    model_name: Optional[str] = None,
+    input_shape: Optional[Sequence[int]] = None,
+    preprocessing: Optional[dict] = None,
+    config=None,
+    check_parity: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+) -> ExportResult:
+    """Export ``model`` (reduced by edgetok.apply, or plain) to ``output_dir``/model.onnx
+    with manifest.json, for ``target`` (see edgetok.export.TARGETS).
+
+    ``batch`` None gives a dynamic batch axis (named "batch"); an int fixes it.
+    ``parity_batches`` (default 1 and 4, or ``batch``) are the batch sizes of the
+    ONNX Runtime check. ``config`` is an ExportConfig whose target, opset and
+    batch profile are used. ``input_shape`` (C, H, W) is needed only for models
+    no edgetok adapter knows.
+    """
+    from .. import flops as _flops_of
+    from ..patch import adapter_for
+    from ..reduce import flops as _flops
+
+    step = progress or (lambda _msg: None)
+    if config is not None:
+        target, opset = config.target, config.opset
+    if target not in TARGETS:
+        raise ExportError(f"unknown export target {target!r}; targets: {', '.join(TARGETS)}")
+    output_dir = Path(output_dir)
+    tmp, created = _prepare_dir(output_dir)
+    try:
+        model = model.eval()
+        info = None
+        try:
+            info = adapter_for(model).info(model)
+        except EdgetokError:
+            if input_shape is None:
+                raise
+        shape = tuple(input_shape) if input_shape is not None else info.input_shape
+        plan = getattr(model, "edgetok_plan", None)
+
+        step(f"tracing with torch.export (opset {opset})")
+        proto = export_onnx(model, shape, opset, batch)
+
+        import onnx
+
+        onnx_path = tmp / "model.onnx"
+        batches = list(parity_batches or ([batch] if batch else [1, 4]))
+        parity_result = None
+        if target == "trt":  # bodies stripped: ONNX Runtime cannot run it, so check the full form first
+            full = tmp / "full.onnx"
+            onnx.save(proto, str(full))
+            step("ONNX checker (full form)")
+            check(full)
+            if check_parity:
+                step(f"ONNX Runtime parity, batch {batches} (full form)")
+                parity_result = parity(full, model, shape, batches, tolerance) | {"checked_on": "portable"}
+            full.unlink()
+        proto = apply_target(proto, target)
+        onnx.save(proto, str(onnx_path))
+        step("ONNX checker (full check with shape inference)")
+        check(onnx_path)
+        if check_parity and target != "trt":
+            step(f"ONNX Runtime CPU parity, batch {batches}")
+            parity_result = parity(onnx_path, model, shape, batches, tolerance) | {"checked_on": target}
+
+        report = _flops_of(model, shape) if info is not None else None
+        baseline = _flops.count(info, [None] * info.depth) if info is not None else None
+        edgetok_nodes = _edgetok_nodes(proto)
+        from ..models import preprocessing as _pre
+
+        manifest = {
+            "manifest_version": _manifest.MANIFEST_VERSION,
+            "model": model_name or type(model).__name__.removeprefix("Reduced"),
+            "family": info.family if info is not None else None,
+            "method": plan.method if plan is not None else "none",
+            "params": plan.params if plan is not None else {},
+            "adaptive": bool(plan and plan.adaptive),
+            "opset": opset,
+            "edgetok_opset": 1 if edgetok_nodes else None,
+            "target": target,
+            "edgetok_ops": edgetok_nodes,
+            "function_bodies": sorted(f.name for f in proto.functions if f.domain == DOMAIN),
+            "input": _value_spec(proto.graph.input[0]),
+            "outputs": [_value_spec(o) for o in proto.graph.output],
+            "tokens": report.tokens if report is not None else None,
+            "flops": None if report is None else {
+                "total": report.total,
+                "baseline": baseline.total,
+                "ratio": baseline.total / report.total,
+                "layers": report.to_dict()["layers"],
+            },
+            "preprocessing": preprocessing if preprocessing is not None else _pre(model, model_name, shape[-2:]),
+            "batch_profile": None if config is None else {
+                "min": config.batch.min, "opt": config.batch.opt, "max": config.batch.max},
+            "config": None if config is None else config.name,
+            "parity": parity_result,
+            "sha256": _manifest.sha256(onnx_path),
+            "versions": _manifest.versions(),
+        }
+        (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
+        step(f"writing {output_dir}")
+        _commit_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(created or tmp, ignore_errors=True)
+        raise
+    return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
