@@ -9,6 +9,8 @@ import click
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
+    "export": "edgetok.commands.export:export",
+    "inspect": "edgetok.commands.inspect:inspect",
     "build": "edgetok.commands.build:build",
     "triton": "edgetok.commands.triton:triton",
     "validate": "edgetok.commands.validate:validate",

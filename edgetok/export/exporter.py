@@ -12,6 +12,7 @@ renamed into place at the end, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -133,7 +134,8 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAU
     if batch is None:
         dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
     try:
-        with _export_mode(model), torch.no_grad():
+        # the exporter prints its progress to stdout even with verbose=False
+        with _export_mode(model), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
                 wrapped,
                 (example,),
@@ -233,8 +235,6 @@ def _prepare_dir(output_dir: Path) -> tuple[Path, Optional[Path]]:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
     return tmp, created
-    except OSError as e:
-        raise ExportError(f"cannot write to {str(parent)!r} ({e.strerror}); choose another --output") from None
 
 
 def _commit_dir(tmp: Path, output_dir: Path) -> None:
@@ -251,8 +251,8 @@ def export_model(
     model: nn.Module,
     output_dir,
     *,
-    target: str = "portable",
-    opset: int = DEFAULT_OPSET,
+    target: Optional[str] = None,
+    opset: Optional[int] = None,
     batch: Optional[int] = None,
     parity_batches: Optional[Sequence[int]] = None,
     tolerance: float = TOLERANCE,
@@ -266,6 +266,7 @@ def export_model(
     """Export ``model`` (reduced by edgetok.apply, or plain) to ``output_dir``/model.onnx
     with manifest.json, for ``target`` (see edgetok.export.TARGETS).
 
+    ``target`` and ``opset`` default to the config's, else "portable" and 18.
     ``batch`` None gives a dynamic batch axis (named "batch"); an int fixes it.
     ``parity_batches`` (default 1 and 4, or ``batch``) are the batch sizes of the
     ONNX Runtime check. ``config`` is an ExportConfig whose target, opset and
@@ -277,8 +278,8 @@ def export_model(
     from ..reduce import flops as _flops
 
     step = progress or (lambda _msg: None)
-    if config is not None:
-        target, opset = config.target, config.opset
+    target = target or (config.target if config is not None else "portable")
+    opset = opset or (config.opset if config is not None else DEFAULT_OPSET)
     if target not in TARGETS:
         raise ExportError(f"unknown export target {target!r}; targets: {', '.join(TARGETS)}")
     output_dir = Path(output_dir)

@@ -1,0 +1,115 @@
+"""``edgetok export``: model name -> reduced model -> DIR/model.onnx + DIR/manifest.json."""
+from __future__ import annotations
+
+import click
+
+from ..export.targets import TARGETS
+
+
+def _key_values(pairs, what: str) -> dict:
+    """KEY=VALUE pairs, values read as YAML scalars (8 -> int, 0.7 -> float, true -> bool)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=what)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+@click.command(context_settings={"max_content_width": 110})
+@click.option("--model", "model_name", metavar="NAME",
+              help="timm name (vit_small_patch16_224), tv:NAME for torchvision, hf:ModelClass[:JSON] for "
+                   "transformers. Random weights unless --weights is given.")
+@click.option("--module", metavar="PKG.MOD:FACTORY",
+              help="Your own model: FACTORY(**model_args) returns an nn.Module (instead of --model).")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Argument for the model constructor, repeatable (e.g. img_size=384, depth=6).")
+@click.option("--weights", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Local checkpoint (.safetensors or a torch state_dict) loaded strictly into the model.")
+@click.option("--method", default="tome", show_default=True, metavar="NAME",
+              help="Reduction method (see `edgetok methods`), or 'none' to export the unreduced model.")
+@click.option("--r", "r", metavar="SCHEDULE",
+              help="Tokens merged/dropped per layer: '8', one per layer '8,8,4,0', or 'linear:16:0'.")
+@click.option("--keep-rate", type=float, help="drop: fraction of tokens kept at each drop layer (EViT: 0.7).")
+@click.option("--layers", metavar="I,J,..", help="drop with --keep-rate: the layers that drop (default every 3rd).")
+@click.option("--fuse-dropped", is_flag=True, default=None, help="drop: append the fused token (EViT).")
+@click.option("--threshold", metavar="SCHEDULE", help="dymu: similarity threshold, one value or one per layer.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Any other method parameter, repeatable (e.g. prop_attn=false, protect_first=1).")
+@click.option("--config", metavar="NAME|FILE",
+              help="Export config (export_configs/*.yaml, e.g. jetson-orin-nano): target, opset, batch profile.")
+@click.option("--target", type=click.Choice(list(TARGETS)),
+              help="portable: bodies kept (ORT); trt: bodies stripped (TensorRT <= 10.6 must use the plugin); "
+                   "trt-override: bodies kept, TensorRT >= 10.15 picks the plugin; inlined: standard ops only. "
+                   "Default: the config's, else portable.")
+@click.option("--opset", type=click.IntRange(17, 23), help="ONNX opset (default: the config's, else 18).")
+@click.option("--batch", type=click.IntRange(min=1),
+              help="Fix the batch size (default: dynamic batch axis named 'batch').")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Max abs difference allowed between ONNX Runtime CPU and torch.")
+@click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime parity check.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Directory for model.onnx and manifest.json (written atomically; a previous export there "
+                   "is replaced).")
+def export(model_name, module, model_args, weights, method, r, keep_rate, layers, fuse_dropped, threshold, params,
+           config, target, opset, batch, tolerance, no_parity, output):
+    """Export a (token-reduced) vision transformer to ONNX with one edgetok node per reduction step.
+
+    \b
+    edgetok export --model vit_small_patch16_224 --method tome --r 8 -o out/vit-s-tome
+    edgetok export --model deit_tiny_patch16_224 --method drop --keep-rate 0.7 --config jetson-orin-nano -o out/d
+    edgetok export --model hf:ViTForImageClassification --method dymu --threshold 0.9 -o out/hf
+    """
+    from rich.console import Console
+
+    from .. import apply
+    from ..config import load_config
+    from ..export import export_model
+    from ..models import create_model, preprocessing
+    from ..patch import adapter_for
+    from ..reduce.registry import get_method
+
+    if (model_name is None) == (module is None):
+        raise click.UsageError("give exactly one of --model NAME or --module PKG.MOD:FACTORY")
+    method_params = _key_values(params, "--param")
+    for key, value in (("r", r), ("keep_rate", keep_rate), ("threshold", threshold), ("fuse_dropped", fuse_dropped),
+                       ("layers", [int(v) for v in layers.split(",")] if layers else None)):
+        if value is not None:
+            method_params[key] = value
+    if method != "none":
+        get_method(method)  # unknown method: fail before building the model
+    cfg = load_config(config) if config else None
+
+    console = Console(stderr=True)
+    with console.status("building the model") as status:
+        def step(msg):
+            console.log(f"[green]ok[/] {status.status}")
+            status.update(msg)
+
+        model = create_model(model_name, module=module, weights=weights, model_args=_key_values(model_args,
+                                                                                                "--model-arg"))
+        name = model_name or f"module:{module}"
+        step(f"applying {method}")
+        reduced = model if method == "none" else apply(model, method, **method_params)
+        shape = adapter_for(model).info(model).input_shape
+        result = export_model(
+            reduced, output, target=target, opset=opset, batch=batch, tolerance=tolerance, model_name=name,
+            preprocessing=preprocessing(model, name, shape[-2:]), config=cfg, check_parity=not no_parity,
+            progress=step,
+        )
+        console.log(f"[green]ok[/] {status.status}")
+    m = result.manifest
+    flops = m["flops"]
+    console.print(f"[bold]{result.onnx_path}[/] target={m['target']} opset={m['opset']} "
+                  f"edgetok nodes={len(m['edgetok_ops'])} bodies={m['function_bodies'] or 'none'}")
+    console.print(f"tokens per layer: {m['tokens']}" + (" (upper bounds)" if m["adaptive"] else ""))
+    if flops:
+        console.print(f"GFLOPs {flops['total'] / 1e9:.3f} vs {flops['baseline'] / 1e9:.3f} unreduced "
+                      f"(ideal speed-up {flops['ratio']:.2f}x)")
+    if m["parity"]:
+        errs = ", ".join(f"bs{b}: {e:.2g}" for b, e in m["parity"]["max_abs_err"].items())
+        console.print(f"ONNX Runtime CPU parity ({m['parity']['checked_on']}): max abs err {errs}")
+    return 0
