@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import ScheduleError
+from ..errors import ScheduleError, UnsupportedModelError
 from .base import Reducer
 from .registry import Plan, register_method
 
@@ -63,6 +63,10 @@ class SparseSpan(Reducer):
 
     def tokens_after(self, n: int, where: str = "") -> int:
         return n // (self.factor * self.factor)
+
+    def forward(self, x, size, ctx):
+        raise UnsupportedModelError("FlexDiT runs on a DiT block stack, not an image ViT block: "
+                                    "use edgetok.reduce.flexdit.apply(dit_model)")
 
 
 def check_stages(stages, grid: int):

@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import ScheduleError
+from ..errors import ScheduleError, UnsupportedModelError
 from .base import Reducer
 from .registry import Plan, register_method
 from .schedule import resolve
@@ -97,6 +97,10 @@ class FocusStep(Reducer):
 
     def tokens_after(self, n: int, where: str = "") -> int:
         return n
+
+    def forward(self, x, size, ctx):
+        raise UnsupportedModelError("Focus-DETR runs inside a DETR encoder, not an image ViT block: "
+                                    "use edgetok.reduce.focus_detr.apply(detr_model)")
 
 
 @register_method("focus_detr", "Focus-DETR: foreground-scored top-k queries per DETR encoder layer (HF DetrModel)")
