@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": "edgetok.commands.demo:demo",
     "plugins": "edgetok.commands.plugins:plugins",
     "stream": "edgetok.commands.stream:stream",
+    "serve": "edgetok.commands.serve:serve",
 }
 
 
