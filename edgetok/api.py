@@ -33,8 +33,10 @@ def apply(model: nn.Module, method: str, **params) -> nn.Module:
     ``apply(vit, "drop", keep_rate=0.7)``, ``apply(vit, "dymu", threshold=0.9)``.
     """
     spec = get_method(method)
-    adapter = adapter_for(model)
     _bind(spec, params)
+    if spec.kind == "model":
+        return spec.build(model=model, **params)
+    adapter = adapter_for(model)
     info = adapter.info(model)
     if spec.kind == "output":
         return spec.build(model=model, **params)

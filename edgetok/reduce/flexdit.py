@@ -89,7 +89,6 @@ def factor_for(stages, t: torch.Tensor) -> int:
     return next(f for t_from, f in stages if hi >= t_from)
 
 
-@register_method("flexdit", "FlexDiT token density across DiT layers and timesteps (pooled sparse span)")
 def build_flexdit(depth: int, tokens: int, protect: int = 0, grid: int = 0, sparse_layers=None,
                   stages: Sequence = ((500, 2), (0, 1))) -> Plan:
     """``sparse_layers=(start, end)``: blocks run on pooled tokens (default the middle
@@ -104,10 +103,15 @@ def build_flexdit(depth: int, tokens: int, protect: int = 0, grid: int = 0, spar
     return plan
 
 
+@register_method("flexdit", "FlexDiT token density across DiT layers and timesteps (pooled sparse span)", kind="model")
 def apply(model: nn.Module, sparse_layers=None, stages=((500, 2), (0, 1))) -> nn.Module:
     """A FlexDiT copy of an edgetok.patch.dit.DiT."""
-    from ..patch.dit import reduce_dit
+    from ..patch.dit import DiT, reduce_dit
 
+    if not isinstance(model, DiT):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not an edgetok.patch.dit.DiT; FlexDiT reduces a DiT block stack"
+        )
     plan = build_flexdit(len(model.blocks), model.grid * model.grid, 0, grid=model.grid,
                          sparse_layers=sparse_layers, stages=stages)
     return reduce_dit(model, plan)

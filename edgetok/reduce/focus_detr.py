@@ -103,7 +103,6 @@ class FocusStep(Reducer):
                                     "use edgetok.reduce.focus_detr.apply(detr_model)")
 
 
-@register_method("focus_detr", "Focus-DETR: foreground-scored top-k queries per DETR encoder layer (HF DetrModel)")
 def build_focus_detr(depth: int, tokens: int = 0, protect: int = 0,
                      keep_rate: Union[float, Sequence[float], str] = 0.3) -> Plan:
     """``keep_rate``: one ratio for every layer or one per layer (a cascade, e.g. "0.5,0.4,0.3")."""
@@ -111,6 +110,7 @@ def build_focus_detr(depth: int, tokens: int = 0, protect: int = 0,
     return Plan("focus_detr", {"keep_rate": rates}, [FocusStep(r) for r in rates])
 
 
+@register_method("focus_detr", "Focus-DETR: foreground-scored top-k queries per DETR encoder layer (HF DetrModel)", kind="model")
 def apply(model: nn.Module, keep_rate=0.3, scorer: Optional[nn.Module] = None, scorer_path: Optional[str] = None,
           seed: int = 0) -> nn.Module:
     """A Focus-DETR copy of a Hugging Face DETR model. ``scorer``/``scorer_path``: foreground

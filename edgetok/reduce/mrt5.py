@@ -108,7 +108,6 @@ class DeleteStep(nn.Module):
         return delete_tokens(x, g, mask, self.slots(g, mask), self.gate.scale)
 
 
-@register_method("mrt5", "MrT5 learned delete gate in a byte-level T5 encoder (hard deletion, fixed slot budget)")
 def build_mrt5(depth: int, tokens: int, protect: int, dim: int = 0, layer: int = 2, max_keep=None,
                gate_path: Optional[str] = None, scale: float = GATE_SCALE, seed: int = 0) -> Plan:
     """One DeleteStep after block ``layer`` (0-based: the default 2 is the paper's
@@ -125,6 +124,7 @@ def build_mrt5(depth: int, tokens: int, protect: int, dim: int = 0, layer: int =
     return Plan("mrt5", params, reducers, adaptive=max_keep is None)
 
 
+@register_method("mrt5", "MrT5 learned delete gate in a byte-level T5 encoder (hard deletion, fixed slot budget)", kind="model")
 def apply(model: nn.Module, layer: int = 2, max_keep: Optional[int] = None, gate_path: Optional[str] = None,
           scale: float = GATE_SCALE, seed: int = 0) -> nn.Module:
     """An MrT5 copy of a Hugging Face T5EncoderModel (ByT5 or any T5 config)."""

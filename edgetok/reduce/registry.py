@@ -27,7 +27,10 @@ class Method:
     name: str
     build: Callable[..., Plan]
     summary: str
-    kind: str = "blocks"  # "blocks": reducers between blocks; "output": wraps the encoder
+    # "blocks": build(depth, tokens, protect, **params) -> Plan, reducers between ViT blocks;
+    # "output": build(model, **params) wraps a ViT encoder (DTD);
+    # "model": build(model, **params) -> reduced copy, for families outside the ViT adapters (DETR, T5, DiT)
+    kind: str = "blocks"
 
 
 _METHODS: dict[str, Method] = {}
