@@ -24,7 +24,7 @@ present, its schedules can be passed in as rates; see ``load_rates``.
 Export: the prune is one edgetok::token_drop. The merge cannot be
 edgetok::token_merge, whose sources/destinations are the fixed even/odd split,
 while DiffRate's are set by importance; it is written in standard ops instead
-(TopK by importance, GatherElements, ArgMax, a one-hot MatMul for the sums — no
+(pairwise rank counts, TopK, GatherElements, ArgMax, a one-hot MatMul for the sums — no
 scatter, per DESIGN.md's rules). Departures: merged tokens keep original
 order (the reference keeps importance order; blocks are permutation-equivariant),
 merge targets tie to the lower index.
@@ -41,6 +41,7 @@ from ..errors import ScheduleError
 from .base import Reducer
 from .registry import Plan, register_method
 from .schedule import resolve_counts
+from .scored import descending_rank
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,11 @@ def importance_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, 
     ranked = importance
     if protect_first:
         ranked = importance.masked_fill(torch.arange(n, device=x.device) < protect_first, float("inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    dst = order[:, :keep].sort(dim=-1).values
-    src = order[:, keep:]
+    important = descending_rank(ranked) < keep
+    # positions of the kept (ascending) and merged tokens by TopK on exact integer keys (no sort op in ONNX)
+    pos = torch.arange(n, device=x.device, dtype=torch.float32)
+    dst = torch.where(important, -pos, -pos - n).topk(keep, dim=-1).indices
+    src = torch.where(important, -pos - n, -pos).topk(r, dim=-1).indices
     mn = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     sim = _rows(mn, src) @ _rows(mn, dst).transpose(-1, -2)  # [B,r,keep]
     if protect_first:  # protected tokens are the first kept columns (dst is ascending)
