@@ -181,6 +181,14 @@ def test_diffrate_rate_files(tmp_path):
         edgetok.apply(model, "diffrate", rate_file=tmp_path / "missing.json")
 
 
+def test_diffrate_r_splits_into_merge_and_prune():
+    """The r= knob the latency-aware search (edgetok.reduce.auto) tunes."""
+    plan = edgetok.apply(tiny_vit(), "diffrate", r=[3, 2, 0], merge_share=0.5).edgetok_plan
+    assert plan.params["merge"] == [2, 1, 0] and plan.params["prune"] == [1, 1, 0]
+    with pytest.raises(ScheduleError, match="one of"):
+        edgetok.apply(tiny_vit(), "diffrate", r=2, prune=1)
+
+
 @pytest.mark.parametrize("method,params,match", [
     ("divprune", dict(keep_rate=0.5, r=2), "exactly one of"),
     ("divprune", dict(r=20), "cannot keep"),

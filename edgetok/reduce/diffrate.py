@@ -18,8 +18,10 @@ a rate file (JSON or YAML) with either those keys or DiffRate's own
 class token included).
 
 Not implemented: the differentiable rate search itself (it trains on
-ImageNet). When edgetok.reduce.auto (the latency-aware schedule search) is
-present, its schedules can be passed in as rates; see ``load_rates``.
+ImageNet). Its stand-in is edgetok's latency-aware search
+(edgetok.reduce.auto): ``diffrate`` also takes ``r=`` (tokens removed per
+layer, the knob that search tunes: ``auto_schedule(model, method="diffrate")``)
+and splits each layer's r into merges (``merge_share``, rounded) and prunes.
 
 Export: the prune is one edgetok::token_drop. The merge cannot be
 edgetok::token_merge, whose sources/destinations are the fixed even/odd split,
@@ -162,15 +164,23 @@ def load_rates(source, depth: int, tokens: int) -> tuple[list[int], list[int]]:
 
 
 @register_method("diffrate", "DiffRate: per-layer prune (class attention) + merge (into important tokens) rates")
-def build_diffrate(depth: int, tokens: int, protect: int, prune=None, merge=None, rate_file=None,
-                   prop_attn: bool = True, protect_first: Optional[int] = None) -> Plan:
+def build_diffrate(depth: int, tokens: int, protect: int, prune=None, merge=None, rate_file=None, r=None,
+                   merge_share: float = 0.5, prop_attn: bool = True, protect_first: Optional[int] = None) -> Plan:
     """Rates as ``prune=`` and ``merge=`` (tokens removed per layer: a number, one per
-    layer or 'linear:A:B') or ``rate_file=`` (JSON/YAML, see load_rates)."""
+    layer or 'linear:A:B'), ``rate_file=`` (JSON/YAML, see load_rates), or ``r=``
+    removed per layer, ``merge_share`` of it merged (what edgetok.reduce.auto searches)."""
     p = protect if protect_first is None else int(protect_first)
+    given = [name for name, v in (("rate_file", rate_file), ("r", r)) if v is not None]
+    if len(given) + (prune is not None or merge is not None) > 1:
+        raise ScheduleError("diffrate takes one of rate_file=, r= or prune=/merge=")
+    if not 0.0 <= merge_share <= 1.0:
+        raise ScheduleError(f"diffrate merge_share={merge_share} must be in [0, 1]")
     if rate_file is not None:
-        if prune is not None or merge is not None:
-            raise ScheduleError("diffrate takes either rate_file= or prune=/merge=, not both")
         pr, mr = load_rates(rate_file, depth, tokens)
+    elif r is not None:
+        rs = resolve_counts(r, depth, "r")
+        mr = [int(round(ri * merge_share)) for ri in rs]
+        pr = [ri - mi for ri, mi in zip(rs, mr)]
     else:
         if prune is None and merge is None:
             raise ScheduleError("diffrate needs rates: prune= and/or merge= (per layer), or rate_file=")
