@@ -285,7 +285,7 @@ def test_exported_step_matches_torch_on_ort(exported):
         seen_refresh.append(bool(enc.refreshed[0]))
         seen_cap.append(int(t.changed[0]) > 4)
     assert seen_refresh == [True, False, False, False, True, True, False, False]
-    assert any(seen_cap[1:4]) is False and seen_cap[-1]  
+    assert any(seen_cap[1:4]) is False and seen_cap[-1]
 
 
 def test_stream_session_uses_exported_step(exported):

