@@ -1,0 +1,86 @@
+"""Latency-aware auto schedules with FAKE cost tables (timing is a benchmark, not a test):
+the never-slower rule, goals, the cost model and the table cache."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from edgetok.errors import ScheduleError
+from edgetok.reduce import auto as A
+
+DEPTH, TOKENS = 4, 17
+
+
+def table(step_ms: float, fixed_ms: float = 1.0) -> A.CostTable:
+    """Blocks cost 1 ms per token (MLP half of it); each reduction step costs step_ms."""
+    grid = [4, 8, 12, 17]
+    return A.CostTable({"backend": "fake", "batch": 1}, grid, [float(n) for n in grid], [n / 2 for n in grid],
+                       [step_ms] * len(grid), fixed_ms)
+
+
+def fid(r):  # earlier merges hurt much more, like real models
+    return 1.0 - sum(ri * (DEPTH - i) ** 3 for i, ri in enumerate(r)) * 1e-4
+
+
+def valid(r):
+    return all(ri <= 4 for ri in r) and sum(r) < TOKENS - 2
+
+
+def test_cost_model_layer_and_baseline():
+    t = table(step_ms=0.5)
+    assert t.predict([17] * (DEPTH + 1)) == pytest.approx(1 + 4 * 17)
+    # attention at 12 tokens (6 ms), MLP at 8 (4 ms), plus the step
+    assert t.layer(12, 8) == pytest.approx(6 + 4 + 0.5)
+    assert t.layer(12, 12) == pytest.approx(12)
+
+
+def test_returns_r0_and_says_so_when_steps_cost_more_than_they_save():
+    res = A.search(table(step_ms=100.0), DEPTH, TOKENS, fid, valid, min_speedup=1.1)
+    assert res.r == [0] * DEPTH and not res.reduced and not res.goal_met
+    assert res.predicted_ms == res.baseline_ms and "keeping r=0" in res.reason
+
+
+def test_never_slower_even_when_only_marginal_gains_exist():
+    # a step that almost cancels the saving: anything found must still beat baseline by the margin, else r=0
+    for step_ms in (0.0, 1.0, 1.4, 1.9, 3.0):
+        res = A.search(table(step_ms), DEPTH, TOKENS, fid, valid, min_speedup=3.0, step=2)
+        assert res.predicted_ms <= res.baseline_ms
+        if res.reduced:
+            assert res.predicted_ms < res.baseline_ms * (1 - A.MARGIN)
+        else:
+            assert res.r == [0] * DEPTH
+
+
+def test_cheap_steps_meet_the_goal_and_prefer_late_layers():
+    res = A.search(table(step_ms=0.1), DEPTH, TOKENS, fid, valid, min_speedup=1.2, step=2)
+    assert res.reduced and res.goal_met and res.predicted_speedup >= 1.2
+    # a merge at layer 0 saves ~7x the time of one at layer 3 but costs 64x the fidelity
+    assert res.r[-1] >= res.r[0]
+    budget = A.search(table(step_ms=0.1), DEPTH, TOKENS, fid, valid, budget_ms=60.0, step=2)
+    assert budget.goal_met and budget.predicted_ms <= 60.0
+    far = A.search(table(step_ms=0.1), DEPTH, TOKENS, fid, valid, min_speedup=10.0, step=2)
+    assert far.reduced and not far.goal_met and "not reachable" in far.reason
+    assert all(valid(s["r"]) for s in far.trace)
+
+
+def test_goal_must_be_one_of_budget_or_speedup():
+    with pytest.raises(ScheduleError, match="exactly one goal"):
+        A.search(table(0.1), DEPTH, TOKENS, fid, valid)
+
+
+def test_auto_schedule_on_a_model_with_a_fake_table_and_cache(tmp_path):
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=DEPTH).eval()
+    images = torch.randn(2, 3, 64, 64)
+    slow = A.auto_schedule(vit, backend="torch-cpu", min_speedup=1.2, images=images, table=table(100.0))
+    assert slow.r == [0] * DEPTH and not slow.reduced
+    fast = A.auto_schedule(vit, backend="torch-cpu", min_speedup=1.2, images=images, table=table(0.1), step=2)
+    assert fast.reduced and 0 < fast.fidelity < 1 and sum(fast.r) > 0
+    t = table(0.1)
+    from edgetok.patch import adapter_for
+
+    t.key = A.cache_key(adapter_for(vit).info(vit), "torch-cpu", 1)
+    path = A.save_table(t, tmp_path)
+    assert path.is_file() and A.load_table(t.key, tmp_path) == t
+    assert A.load_table(t.key | {"batch": 99}, tmp_path) is None
