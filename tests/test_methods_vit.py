@@ -24,8 +24,8 @@ CASES = {  # method -> (params, naive step factory(protect), prop_attn)
               False),
     "zero_tprune": (dict(r_importance=[2, 1, 0], r_similarity=[3, 2, 0], iterations=5),
                     lambda p: naive.zero_tprune_step({0: (2, 3), 1: (1, 2)}, p, 5), False),
-    "diffrate": (dict(prune=[2, 1, 0], merge=[2, 3, 1]), lambda p: naive.diffrate_step({0: (2, 2), 1: (1, 3), 2: (0, 1)}, p),
-                 True),
+    "diffrate": (dict(prune=[2, 1, 0], merge=[2, 3, 1]),
+                 lambda p: naive.diffrate_step({0: (2, 2), 1: (1, 3), 2: (0, 1)}, p), True),
     "mustdrop": (dict(merge_r=3, merge_layer=0, keep_rate=0.5, drop_layers=[2]),
                  lambda p: naive.mustdrop_step(0, 3, {2: p + 7}, p, (4, 4)), True),
 }

@@ -67,7 +67,8 @@ class DivPruneDrop(TokenDrop):
 
 
 @register_method("divprune", "DivPrune: keep the most diverse tokens (greedy max-min cosine distance on keys)")
-def build_divprune(depth: int, tokens: int, protect: int, keep_rate=None, r=None, layers=None, protect_first=None) -> Plan:
+def build_divprune(depth: int, tokens: int, protect: int, keep_rate=None, r=None, layers=None,
+                   protect_first=None) -> Plan:
     """``keep_rate`` at ``layers`` (default: every third layer) or ``r`` removed per layer."""
     p = protect if protect_first is None else int(protect_first)
     keeps = keep_counts(depth, tokens, p, keep_rate, r, layers, "divprune")

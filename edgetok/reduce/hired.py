@@ -57,12 +57,7 @@ def hired_score(attn: torch.Tensor, picks: int, part: torch.Tensor, parts: int) 
     share = share / share.sum(-1, keepdim=True).clamp_min(1e-12)
     budget = torch.minimum(torch.floor(share * picks), onehot.sum(0))  # [B,P]
     tok_budget = budget @ onehot.transpose(0, 1)  # each token's part budget [B,M]
-    same = part[:, None] == part[None, :]
-    m = attn.shape[-1]
-    idx = torch.arange(m, device=attn.device)
-    ahead = (attn[:, None, :] > attn[:, :, None]) | ((attn[:, None, :] == attn[:, :, None]) & (idx[None, :] < idx[:, None]))
-    part_rank = (ahead & same).sum(-1)
-    chosen = part_rank.to(attn.dtype) < tok_budget
+    chosen = descending_rank(attn, part).to(attn.dtype) < tok_budget
     return rank_to_score(descending_rank(attn), chosen)
 
 

@@ -93,7 +93,9 @@ class PairMerge(Reducer):
         if n != self.protect_first + gh * gw:
             raise ScheduleError(f"{where}mustdrop's merge stage needs the whole {gh}x{gw} patch grid, got {n} tokens")
         if not 0 <= self.r <= gh * (gw // 2):
-            raise ScheduleError(f"{where}mustdrop merge_r={self.r}: a {gh}x{gw} grid has {gh * (gw // 2)} neighbour pairs")
+            raise ScheduleError(
+                f"{where}mustdrop merge_r={self.r}: a {gh}x{gw} grid has {gh * (gw // 2)} neighbour pairs; lower merge_r"
+            )
         return n - self.r
 
     def reduction_flops(self, n: int, dim: int) -> int:
@@ -107,15 +109,17 @@ class PairMerge(Reducer):
 
 
 @register_method("mustdrop", "MustDrop: merge similar neighbour pairs early, drop by class attention later")
-def build_mustdrop(depth: int, tokens: int, protect: int, merge_r: int = 8, merge_layer: int = 0, keep_rate: float = 0.7,
-                   drop_layers=None, grid=None, prop_attn: bool = True, protect_first: Optional[int] = None) -> Plan:
+def build_mustdrop(depth: int, tokens: int, protect: int, merge_r: int = 8, merge_layer: int = 0,
+                   keep_rate: float = 0.7, drop_layers=None, grid=None, prop_attn: bool = True, protect_first: Optional[int] = None) -> Plan:
     """``merge_r`` neighbour pairs merged at ``merge_layer``; ``keep_rate`` kept at
     each of ``drop_layers`` (default: the middle layer)."""
     p = protect if protect_first is None else int(protect_first)
     grid = square_grid(tokens - p, "mustdrop") if grid is None else (int(grid[0]), int(grid[1]))
     if grid[0] * grid[1] != tokens - p:
         raise ScheduleError(f"mustdrop grid={grid} has {grid[0] * grid[1]} patches but the model has {tokens - p}")
-    drop_layers = [depth // 2] if drop_layers is None else ([drop_layers] if isinstance(drop_layers, int) else list(drop_layers))
+    if drop_layers is None:
+        drop_layers = [depth // 2]
+    drop_layers = [drop_layers] if isinstance(drop_layers, int) else list(drop_layers)
     bad = [i for i in [merge_layer, *drop_layers] if not 0 <= i < depth]
     if bad:
         raise ScheduleError(f"mustdrop layers {bad} are outside the model's {depth} layers")

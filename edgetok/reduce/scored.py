@@ -18,15 +18,18 @@ from .base import AttentionContext
 from .schedule import keep_from_rate, resolve_counts
 
 
-def descending_rank(score: torch.Tensor) -> torch.Tensor:
+def descending_rank(score: torch.Tensor, group: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rank of every entry of ``score`` [B,M] in descending order, ties to the
-    lower index (0 = best), as int64. Counts, per entry, the entries ahead of it:
-    O(M^2) comparisons, no sort, so ONNX gets plain Greater/Equal/ReduceSum."""
+    lower index (0 = best), as int64; with ``group`` [M] the rank within the
+    entry's group. Counts, per entry, the entries ahead of it: O(M^2)
+    comparisons, no sort, so ONNX gets plain Greater/Equal/ReduceSum."""
     m = score.shape[-1]
     idx = torch.arange(m, device=score.device)
     ahead = (score[..., None, :] > score[..., :, None]) | (
         (score[..., None, :] == score[..., :, None]) & (idx[None, :] < idx[:, None])
     )
+    if group is not None:
+        ahead = ahead & (group[:, None] == group[None, :])
     return ahead.sum(-1)
 
 

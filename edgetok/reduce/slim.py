@@ -97,8 +97,8 @@ class TokenSlimming(Reducer):
 def _layers(weights, count: int, outs: list[int], dim: Optional[int], hidden_ratio: float, seed: int):
     if weights is None:
         if dim is None:
-            raise ScheduleError("slim with random slimming layers needs the model width: pass dim= (e.g. 192 for ViT-Ti)"
-                                " or weights=")
+            raise ScheduleError("slim with random slimming layers needs the model width: "
+                                "pass dim= (e.g. 192 for ViT-Ti) or weights=")
         g = torch.Generator().manual_seed(int(seed))
         return [SlimmingLayer(int(dim), m, hidden_ratio).reset(g) for m in outs]
     if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
