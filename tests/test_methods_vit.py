@@ -251,3 +251,16 @@ def test_export_runs_in_onnxruntime(method, tmp_path):
     for w, g in zip(want, got):
         assert w.shape == g.shape
         assert abs(w.double().numpy() - g).max() <= 1e-4
+
+
+def test_diffrate_rates_from_the_latency_aware_search():
+    """edgetok.reduce.auto (DiffRate's search stand-in) tunes diffrate's r= per layer."""
+    auto = pytest.importorskip("edgetok.reduce.auto", reason="the latency-aware search has not landed")
+    grid = list(range(1, 18))  # a cost table where a block costs 1 ms per token, a step 0.1 ms
+    table = auto.CostTable({"backend": "fake", "batch": 1}, grid, [float(n) for n in grid], [n / 2 for n in grid],
+                           [0.1] * len(grid), 0.0)
+    model = tiny_vit()
+    found = auto.auto_schedule(model, method="diffrate", min_speedup=1.2, table=table, images=X, step=1)
+    assert found.reduced and found.goal_met and sum(found.r) > 0
+    reduced = edgetok.apply(model, "diffrate", r=found.r)
+    assert edgetok.token_counts(reduced, X) == auto.counts_for(found.r, 17)
