@@ -41,7 +41,10 @@ class StreamSession:
         self.kept_per_frame: list[int] = []
 
     def reset(self) -> None:
+        """Forget the previous frame (and the session's own caches, for a streaming encoder)."""
         self.prev, self.kept_per_frame = None, []
+        if callable(getattr(self.session, "reset", None)):
+            self.session.reset()
 
     def step(self, frame) -> FrameTokens:
         """One frame (an image, or a batch of 1) -> the tokens that changed since the previous frame."""
