@@ -67,6 +67,7 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
 
     from .. import apply
     from ..config import load_config
+    from ..errors import UnsupportedModelError
     from ..export import export_model
     from ..models import create_model, preprocessing
     from ..patch import adapter_for
@@ -92,6 +93,10 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
         model = create_model(model_name, module=module, weights=weights, model_args=_key_values(model_args,
                                                                                                 "--model-arg"))
         name = model_name or f"module:{module}"
+        try:
+            adapter_for(model)
+        except UnsupportedModelError as e:  # its message lists the families one per line: keep one line
+            raise UnsupportedModelError("; ".join(l.strip() for l in str(e).splitlines())) from None
         step(f"applying {method}")
         reduced = model if method == "none" else apply(model, method, **method_params)
         shape = adapter_for(model).info(model).input_shape
