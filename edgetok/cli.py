@@ -15,6 +15,7 @@ COMMANDS = {
     "triton": "edgetok.commands.triton:triton",
     "validate": "edgetok.commands.validate:validate",
     "demo": "edgetok.commands.demo:demo",
+    "bench": "edgetok.commands.bench:bench",
     "plugins": "edgetok.commands.plugins:plugins",
     "stream": "edgetok.commands.stream:stream",
     "serve": "edgetok.commands.serve:serve",
