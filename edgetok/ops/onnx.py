@@ -60,7 +60,7 @@ def TokenMerge(x, metric, size, r: int, protect_first: int):
     pb = op.Div(pf, two)
 
     # cosine similarity of A (even) to B (odd) tokens, protected pairs -inf
-    eps = op.Constant(value_float=1e-6)
+    eps = op.CastLike(op.Constant(value_float=1e-6), metric)
     norm = op.Max(op.Sqrt(op.ReduceSum(op.Mul(metric, metric), op.Constant(value_ints=[-1]), keepdims=1)), eps)
     m = op.Div(metric, norm)
     ma = op.Slice(m, zero, big, axis1, two)
@@ -71,7 +71,7 @@ def TokenMerge(x, metric, size, r: int, protect_first: int):
     ia = op.Range(op.Squeeze(zero), op.Squeeze(na), op.Squeeze(one))
     ib = op.Range(op.Squeeze(zero), op.Squeeze(nb), op.Squeeze(one))
     prot = op.Or(op.Unsqueeze(op.Less(ia, pa), one), op.Unsqueeze(op.Less(ib, pb), zero))
-    scores = op.Where(prot, op.Constant(value_float=float("-inf")), scores)
+    scores = op.Where(prot, op.CastLike(op.Constant(value_float=float("-inf")), scores), scores)
 
     # each A row's best B (first on ties); the r best rows merge (TopK: ties -> lower index)
     best = op.ArgMax(scores, axis=-1, keepdims=1)
@@ -82,7 +82,7 @@ def TokenMerge(x, metric, size, r: int, protect_first: int):
 
     # unmerged, unprotected A rows in ascending order: TopK over -position
     src_hot = op.Cast(op.Equal(op.Unsqueeze(src, op.Constant(value_ints=[-1])), ia), to=1)
-    merged = op.Greater(op.ReduceSum(src_hot, axis1, keepdims=0), op.Constant(value_float=0.0))
+    merged = op.Greater(op.ReduceSum(src_hot, axis1, keepdims=0), op.Constant(value_float=0.0))  # float32 one-hot
     iaf = op.Cast(ia, to=1)
     stay = op.And(op.Not(merged), op.Not(op.Less(ia, pa)))
     key = op.Where(stay, op.Neg(iaf), op.Constant(value_float=float("-inf")))
@@ -159,9 +159,9 @@ def ThresholdMerge(x, metric, size, threshold: float, protect_first: int):
     pf = op.Reshape(op.Constant(value_int=protect_first), one)
     pa = op.Div(op.Add(pf, one), two)
     pb = op.Div(pf, two)
-    ninf = op.Constant(value_float=float("-inf"))
+    ninf = op.CastLike(op.Constant(value_float=float("-inf")), metric)
 
-    eps = op.Constant(value_float=1e-6)
+    eps = op.CastLike(op.Constant(value_float=1e-6), metric)
     norm = op.Max(op.Sqrt(op.ReduceSum(op.Mul(metric, metric), last, keepdims=1)), eps)
     m = op.Div(metric, norm)
     ma = op.Slice(m, zero, big, axis1, two)
@@ -183,7 +183,7 @@ def ThresholdMerge(x, metric, size, threshold: float, protect_first: int):
 
     best = op.ArgMax(scores, axis=-1, keepdims=1)
     best_score = op.GatherElements(scores, best, axis=-1)
-    merged = op.Greater(best_score, op.Constant(value_float=threshold))  # [B,Na,1]
+    merged = op.Greater(best_score, op.CastLike(op.Constant(value_float=threshold), best_score))  # [B,Na,1]
 
     xa = op.Slice(x, zero, big, axis1, two)
     xb = op.Slice(x, one, big, axis1, two)
