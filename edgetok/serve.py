@@ -13,10 +13,11 @@ Two things about PyTriton 0.7.0 that this module handles:
   interpreter's LIBDIR goes first on LD_LIBRARY_PATH of the server process,
   otherwise model loading fails ("'_thread.RLock' object has no attribute
   '_recursion_count'");
-- the stub's pybind11 reads numpy 1.x dtype structs. PyTriton pins numpy<2, but
-  where numpy 2 is installed anyway, inputs reach the model as zeros and
-  outputs come back empty. There the two tensor crossings in the stub's proxy
-  code are switched to DLPack (see ``_numpy2_stub_fix``).
+- its stub converts tensors to and from numpy through pybind11, and on these
+  machines (numpy 2.4, and numpy 1.26 too) inputs reached the model as zeros
+  and outputs came back empty (the dtype's item size read as 0). The two
+  tensor crossings in the stub's proxy code go through DLPack instead (see
+  ``_stub_tensor_fix``); the tests check the served outputs against a Session.
 """
 from __future__ import annotations
 
@@ -150,9 +151,10 @@ class Server:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
 
+        if self._triton is not None:  # already serving
+            return self
         _server_library_path()
-        if int(np.__version__.split(".")[0]) >= 2:
-            _numpy2_stub_fix()
+        _stub_tensor_fix()
         http, grpc, metrics = self.config.ports()
         host = self.config.host
         cfg = TritonConfig(http_address=host, grpc_address=host, metrics_address=host, http_port=http,
@@ -220,6 +222,7 @@ class Server:
 
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError as e:
@@ -234,14 +237,14 @@ def _server_library_path() -> None:
         os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *[p for p in parts if p != libdir]])
 
 
-# The stub-side proxy code PyTriton 0.7.0 ships, and the DLPack crossings used under numpy 2
+# The stub-side proxy code PyTriton 0.7.0 ships, and the DLPack crossings used instead
 # (a torch capsule for outputs: the stub rejects numpy's own capsule).
 _STUB_FIXES = {
     "request[input_name] = input_tensor.as_numpy()": "request[input_name] = np.from_dlpack(input_tensor).copy()",
     "pb_utils.Tensor(name, value)\n": "_tensor_from_numpy(name, value)\n",
     "import typing\n": (
         "import typing\n\nimport numpy as np\n\n\n"
-        "def _tensor_from_numpy(name, value):  # edgetok: numpy 2 fix (see edgetok/serve.py)\n"
+        "def _tensor_from_numpy(name, value):  # edgetok: DLPack crossing (see edgetok/serve.py)\n"
         "    import torch\n\n"
         "    t = torch.from_numpy(np.ascontiguousarray(value))\n"
         "    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(t))\n"
@@ -249,10 +252,10 @@ _STUB_FIXES = {
 }
 
 
-def _numpy2_stub_fix() -> None:
+def _stub_tensor_fix() -> None:
     from pytriton.models import model as pm
 
-    if getattr(pm.Model, "_edgetok_numpy2_fix", False):
+    if getattr(pm.Model, "_edgetok_tensor_fix", False):
         return
     original = pm.Model.get_proxy_model_files
 
@@ -262,10 +265,10 @@ def _numpy2_stub_fix() -> None:
         src = files[key].decode()
         for old, new in _STUB_FIXES.items():
             if old not in src:
-                raise ServeError("this PyTriton's stub code differs from 0.7.0; install nvidia-pytriton==0.7.0 or numpy<2")
+                raise ServeError("this PyTriton's stub code differs from 0.7.0; install nvidia-pytriton==0.7.0")
             src = src.replace(old, new, 1)
         files[key] = src.encode()
         return files
 
     pm.Model.get_proxy_model_files = get_proxy_model_files
-    pm.Model._edgetok_numpy2_fix = True
+    pm.Model._edgetok_tensor_fix = True
