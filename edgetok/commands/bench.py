@@ -67,7 +67,9 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         if "," in value:
             params[key] = [yaml.safe_load(v) for v in value.split(",")]
         elif value.startswith("linear:"):
-            params[key] = value
+            from ..reduce.schedule import parse
+
+            params[key] = parse(value)
         else:
             params[key] = yaml.safe_load(value)
     return method, params
