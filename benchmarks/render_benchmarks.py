@@ -94,6 +94,10 @@ def goals(matrix, fid) -> list[str]:
                                           f"{r['fidelity']['pooled_cosine_mean']:.4f}" for r in fast) or "no variant reached 1.5x") + ")"))
     else:
         out.append("- DINOv2-S fidelity goal: not measured (no benchmarks/results/bench_fidelity.json)")
+    rows = (matrix or {}).get("rows", []) + (fid or {}).get("rows", [])
+    if any(r["speed_ratio"] > 1.15 * r["flops_ratio"] for r in rows):
+        out.append("- CAUTION: some measured speed-ups exceed their FLOPs ideal by more than 15%, a sign of a noisy "
+                   "machine; re-run on a quiet one before trusting the verdicts above")
     return out + [""]
 
 
