@@ -115,33 +115,12 @@ def create_model(name: Optional[str] = None, *, module: Optional[str] = None, we
 
 
 def load_weights(model: nn.Module, path) -> None:
-    """Load a local checkpoint into ``model`` (strict: every key must match)."""
-    import torch
+    """Load a local checkpoint (.safetensors, .pt/.pth/.bin state dict, or an ONNX
+    file's initializers) into ``model``; names of other families are converted
+    where edgetok.weights knows how (HF DINOv2 <-> timm). Every key must fit."""
+    from .weights import load_weights as load_into_model
 
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"weights file {str(p)!r} does not exist")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file formats raise many types
-        raise ModelError(f"cannot read weights {str(p)!r}: {str(e).splitlines()[0]}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ModelError(f"weights {str(p)!r} hold a {type(state).__name__}, not a state_dict")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelError(
-            f"weights {str(p)!r} do not fit the model: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected (e.g. "
-            f"{result.unexpected_keys[:2]}); check the model name and its arguments"
-        )
+    load_into_model(path, model=model)
 
 
 # ---------------------------------------------------------------------------

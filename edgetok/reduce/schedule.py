@@ -69,6 +69,7 @@ def resolve(spec: ScheduleSpec, depth: int, name: str = "r") -> list[float]:
 
 def resolve_counts(spec: ScheduleSpec, depth: int, name: str = "r") -> list[int]:
     """Integer per-layer counts (r); fractional Linear values round down like ToMe's."""
+    spec = parse(spec)
     values = resolve(spec, depth, name)
     out = []
     for i, v in enumerate(values):

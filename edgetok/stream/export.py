@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import EdgetokError, MissingDependencyError
 from .encoder import StepOutput, StreamingEncoder, StreamState, default_budget

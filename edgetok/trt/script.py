@@ -19,7 +19,7 @@ from typing import Optional
 
 from .. import __version__
 from ..runtime.artifacts import write_atomic, write_json
-from .plan import BuildPlan, sm_name, vtuple
+from .plan import BuildPlan, vtuple
 
 SCRIPT = "build_engine.sh"
 PLUGIN_BUILD_DIR = "build/plugins"
