@@ -19,6 +19,13 @@ def _key_values(pairs, what: str) -> dict:
     return out
 
 
+def _dtd_threshold(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise click.BadParameter(f"{value!r}: dtd takes one threshold (a number, 0..1)", param_hint="--threshold")
+
+
 @click.command(context_settings={"max_content_width": 110})
 @click.option("--model", "model_name", metavar="NAME",
               help="timm name (vit_small_patch16_224), tv:NAME for torchvision, hf:ModelClass[:JSON] for "
@@ -36,15 +43,28 @@ def _key_values(pairs, what: str) -> dict:
 @click.option("--keep-rate", type=float, help="drop: fraction of tokens kept at each drop layer (EViT: 0.7).")
 @click.option("--layers", metavar="I,J,..", help="drop with --keep-rate: the layers that drop (default every 3rd).")
 @click.option("--fuse-dropped", is_flag=True, default=None, help="drop: append the fused token (EViT).")
-@click.option("--threshold", metavar="SCHEDULE", help="dymu: similarity threshold, one value or one per layer.")
+@click.option("--threshold", metavar="SCHEDULE",
+              help="dymu: similarity threshold, one value or one per layer; dtd: the change 1-cos a token needs "
+                   "to be kept (0..1).")
+@click.option("--schedule", type=click.Choice(["auto"]),
+              help="auto: choose the per-layer r for the --target config's backend from a measured (cached) cost "
+                   "table; never slower than unreduced (r=0 then, with the reason). Needs --min-speedup or "
+                   "--budget-ms.")
+@click.option("--min-speedup", type=click.FloatRange(min=1.0, min_open=True), metavar="X",
+              help="--schedule auto goal: predicted speed-up over the unreduced model.")
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), metavar="Y",
+              help="--schedule auto goal: predicted latency budget in ms at the config's opt batch.")
+@click.option("--cost-cache", type=click.Path(file_okay=False), metavar="DIR",
+              help="--schedule auto: cost-table cache directory (default $EDGETOK_CACHE or ~/.cache/edgetok).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Any other method parameter, repeatable (e.g. prop_attn=false, protect_first=1).")
 @click.option("--config", metavar="NAME|FILE",
               help="Export config (export_configs/*.yaml, e.g. jetson-orin-nano): target, opset, batch profile.")
-@click.option("--target", type=click.Choice(list(TARGETS)),
-              help="portable: bodies kept (ORT); trt: bodies stripped (TensorRT <= 10.6 must use the plugin); "
-                   "trt-override: bodies kept, TensorRT >= 10.15 picks the plugin; inlined: standard ops only. "
-                   "Default: the config's, else portable.")
+@click.option("--target", metavar="TARGET|CONFIG",
+              help=f"Export target ({', '.join(TARGETS)}) -- portable: bodies kept (ORT); trt: bodies stripped "
+                   "(TensorRT <= 10.6 must use the plugin); trt-override: bodies kept, TensorRT >= 10.15 picks the "
+                   "plugin; inlined: standard ops only -- or an export config (same as --config). Default: the "
+                   "config's, else portable.")
 @click.option("--opset", type=click.IntRange(17, 23), help="ONNX opset (default: the config's, else 18).")
 @click.option("--batch", type=click.IntRange(min=1),
               help="Fix the batch size (default: dynamic batch axis named 'batch').")
@@ -54,14 +74,16 @@ def _key_values(pairs, what: str) -> dict:
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Directory for model.onnx and manifest.json (written atomically; a previous export there "
                    "is replaced).")
-def export(model_name, module, model_args, weights, method, r, keep_rate, layers, fuse_dropped, threshold, params,
-           config, target, opset, batch, tolerance, no_parity, output):
+def export(model_name, module, model_args, weights, method, r, keep_rate, layers, fuse_dropped, threshold, schedule,
+           min_speedup, budget_ms, cost_cache, params, config, target, opset, batch, tolerance, no_parity, output):
     """Export a (token-reduced) vision transformer to ONNX with one edgetok node per reduction step.
 
     \b
     edgetok export --model vit_small_patch16_224 --method tome --r 8 -o out/vit-s-tome
     edgetok export --model deit_tiny_patch16_224 --method drop --keep-rate 0.7 --config jetson-orin-nano -o out/d
     edgetok export --model hf:ViTForImageClassification --method dymu --threshold 0.9 -o out/hf
+    edgetok export --model vit_small_patch16_224 --schedule auto --target cpu-ort --min-speedup 1.3 -o out/auto
+    edgetok export --model vit_small_patch16_224 --method dtd --threshold 0.1 -o out/dtd-step
     """
     from rich.console import Console
 
@@ -82,7 +104,25 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
             method_params[key] = value
     if method != "none":
         get_method(method)  # unknown method: fail before building the model
+    if target is not None and target not in TARGETS:  # --target CONFIG: the device the export is for
+        if config:
+            raise click.UsageError(f"--target {target!r} is not an export target ({', '.join(TARGETS)}) and "
+                                   "--config is given too; pass the config once")
+        config, target = target, None
     cfg = load_config(config) if config else None
+    if schedule == "auto":
+        if r is not None:
+            raise click.UsageError("give either --r or --schedule auto, not both")
+        if (min_speedup is None) == (budget_ms is None):
+            raise click.UsageError("--schedule auto needs exactly one goal: --min-speedup X or --budget-ms Y")
+        if cfg is None:
+            raise click.UsageError("--schedule auto needs the device it is for: --target CONFIG (e.g. cpu-ort)")
+        from ..export.auto import backend_for, check_method
+
+        check_method(method)  # fail before building the model: wrong method, or a TensorRT config
+        backend_for(cfg)
+    elif min_speedup is not None or budget_ms is not None:
+        raise click.UsageError("--min-speedup and --budget-ms are goals of --schedule auto; add --schedule auto")
 
     console = Console(stderr=True)
     with console.status("building the model") as status:
@@ -97,14 +137,29 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
             adapter_for(model)
         except UnsupportedModelError as e:  # its message lists the families one per line: keep one line
             raise UnsupportedModelError("; ".join(l.strip() for l in str(e).splitlines())) from None
-        step(f"applying {method}")
-        reduced = model if method == "none" else apply(model, method, **method_params)
         shape = adapter_for(model).info(model).input_shape
-        result = export_model(
-            reduced, output, target=target, opset=opset, batch=batch, tolerance=tolerance, model_name=name,
-            preprocessing=preprocessing(model, name, shape[-2:]), config=cfg, check_parity=not no_parity,
-            progress=step,
-        )
+        common = dict(target=target, opset=opset, batch=batch, tolerance=tolerance, model_name=name,
+                      preprocessing=preprocessing(model, name, shape[-2:]), config=cfg, check_parity=not no_parity,
+                      progress=step)
+        auto = None
+        if schedule == "auto":
+            from ..export.auto import choose
+
+            step(f"choosing the schedule for {cfg.name} (cost table: measured once, then cached)")
+            _, auto = choose(model, cfg, method, batch=batch, budget_ms=budget_ms, min_speedup=min_speedup,
+                             cache=cost_cache)
+            method_params["r"] = auto["r"]
+        step(f"applying {method}")
+        if method == "dtd":  # an output-stage method: the export is one streaming step (export/dtd.py)
+            from ..export.dtd import export_dtd_step
+
+            if "threshold" in method_params:
+                method_params["threshold"] = _dtd_threshold(method_params["threshold"])
+            stream = apply(model, "dtd", streaming=True, **method_params)
+            result = export_dtd_step(stream, output, **common)
+        else:
+            reduced = model if method == "none" else apply(model, method, **method_params)
+            result = export_model(reduced, output, schedule=auto, **common)
         console.log(f"[green]ok[/] {status.status}")
     m = result.manifest
     flops = m["flops"]
@@ -114,6 +169,14 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
     if flops:
         console.print(f"GFLOPs {flops['total'] / 1e9:.3f} vs {flops['baseline'] / 1e9:.3f} unreduced "
                       f"(ideal speed-up {flops['ratio']:.2f}x)")
+    if m["stream"]:
+        st = m["stream"]
+        console.print(f"streaming step: inputs {m['input']['name']}, {st['state_input']['name']} (zeros on the "
+                      f"first frame); feed output {st['state_output']} back as {st['state_input']['name']}")
+    if m["schedule"] and m["schedule"]["source"] == "auto":
+        from ..export.auto import summary
+
+        console.print(summary(m["schedule"]))
     if m["parity"]:
         errs = ", ".join(f"bs{b}: {e:.2g}" for b, e in m["parity"]["max_abs_err"].items())
         console.print(f"ONNX Runtime CPU parity ({m['parity']['checked_on']}): max abs err {errs}")

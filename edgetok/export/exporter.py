@@ -119,31 +119,27 @@ def _first_line(e: BaseException) -> str:
     return line[:300]
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
-                batch: Optional[int] = None):
-    """The full-form ONNX model (edgetok nodes + their bodies) of ``model`` for images
-    of ``input_shape`` (C, H, W): dynamic batch axis, or a fixed ``batch``."""
+def trace(module: nn.Module, args: tuple, input_names: Sequence[str], opset: int = DEFAULT_OPSET,
+          output_names: Optional[Sequence[str]] = None, dynamic_shapes=None):
+    """torch.onnx (dynamo) export of ``module(*args)`` with edgetok nodes and their bodies:
+    the one tracing call every export form goes through."""
     from ..ops.onnx import add_functions, custom_translation_table
 
-    model = model.eval()
-    example = torch.randn(batch or 2, *input_shape, generator=torch.Generator().manual_seed(0))
-    wrapped = _ImageModel(model).eval()
-    with torch.no_grad():
-        names = _output_names(model(example))
-    dynamic = None
-    if batch is None:
-        dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    import warnings
+
     try:
         # the exporter prints its progress to stdout even with verbose=False
-        with _export_mode(model), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # inputs sharing the batch Dim: the exporter says so, and names the axis "batch" all the same
+            warnings.filterwarnings("ignore", message="# The axis name")
             program = torch.onnx.export(
-                wrapped,
-                (example,),
+                module,
+                args,
                 dynamo=True,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=names,
-                dynamic_shapes=dynamic,
+                input_names=list(input_names),
+                output_names=list(output_names) if output_names else None,
+                dynamic_shapes=dynamic_shapes,
                 custom_translation_table=custom_translation_table(),
                 verbose=False,
             )
@@ -154,6 +150,24 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAU
     proto = add_functions(program.model_proto)
     proto.producer_name = "edgetok"
     return proto
+
+
+def batch_dim():
+    """The dynamic batch axis given to torch.export (named "batch" in the ONNX)."""
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
+                batch: Optional[int] = None):
+    """The full-form ONNX model (edgetok nodes + their bodies) of ``model`` for images
+    of ``input_shape`` (C, H, W): dynamic batch axis, or a fixed ``batch``."""
+    model = model.eval()
+    example = torch.randn(batch or 2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        names = _output_names(model(example))
+    dynamic = None if batch is not None else {INPUT_NAME: {0: batch_dim()}}
+    with _export_mode(model):
+        return trace(_ImageModel(model).eval(), (example,), [INPUT_NAME], opset, names, dynamic)
 
 
 def check(path: Path) -> None:
@@ -247,6 +261,69 @@ def _commit_dir(tmp: Path, output_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged(output_dir: Path):
+    """A temporary directory beside ``output_dir``, renamed into place when the block
+    succeeds and removed (with any parents it created) when it fails."""
+    tmp, created = _prepare_dir(output_dir)
+    try:
+        yield tmp
+        _commit_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(created or tmp, ignore_errors=True)
+        raise
+
+
+def graph_fields(proto, onnx_path: Path) -> dict:
+    """The manifest fields read off the written graph (see manifest.py)."""
+    nodes = _edgetok_nodes(proto)
+    return {
+        "edgetok_opset": 1 if nodes else None,
+        "edgetok_ops": nodes,
+        "function_bodies": sorted(f.name for f in proto.functions if f.domain == DOMAIN),
+        "input": _value_spec(proto.graph.input[0]),
+        "outputs": [_value_spec(o) for o in proto.graph.output],
+        "sha256": _manifest.sha256(onnx_path),
+    }
+
+
+def write_checked(proto, tmp: Path, target: str, parity_fn: Optional[Callable[[Path], dict]],
+                  step: Callable[[str], None], parity_what: str = "ONNX Runtime CPU parity"):
+    """Rewrite the full-form ``proto`` for ``target``, save it as ``tmp``/model.onnx and
+    check it (ONNX checker; ``parity_fn(path) -> dict`` in ONNX Runtime, on the full
+    form for ``trt``, whose stripped bodies ORT cannot run). -> (proto, path, parity)."""
+    import onnx
+
+    onnx_path = tmp / "model.onnx"
+    parity_result = None
+    if target == "trt":  # bodies stripped: ONNX Runtime cannot run it, so check the full form first
+        full = tmp / "full.onnx"
+        onnx.save(proto, str(full))
+        step("ONNX checker (full form)")
+        check(full)
+        if parity_fn is not None:
+            step(f"{parity_what} (full form)")
+            parity_result = parity_fn(full) | {"checked_on": "portable"}
+        full.unlink()
+    proto = apply_target(proto, target)
+    onnx.save(proto, str(onnx_path))
+    step("ONNX checker (full check with shape inference)")
+    check(onnx_path)
+    if parity_fn is not None and target != "trt":
+        step(parity_what)
+        parity_result = parity_fn(onnx_path) | {"checked_on": target}
+    return proto, onnx_path, parity_result
+
+
+def resolve_target(target: Optional[str], opset: Optional[int], config) -> tuple[str, int]:
+    """The target and opset asked for, else the config's, else portable / 18."""
+    target = target or (config.target if config is not None else "portable")
+    opset = opset or (config.opset if config is not None else DEFAULT_OPSET)
+    if target not in TARGETS:
+        raise ExportError(f"unknown export target {target!r}; targets: {', '.join(TARGETS)}")
+    return target, opset
+
+
 def export_model(
     model: nn.Module,
     output_dir,
@@ -261,6 +338,7 @@ def export_model(
     preprocessing: Optional[dict] = None,
     config=None,
     check_parity: bool = True,
+    schedule: Optional[dict] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> ExportResult:
     """Export ``model`` (reduced by edgetok.apply, or plain) to ``output_dir``/model.onnx
@@ -271,20 +349,17 @@ def export_model(
     ``parity_batches`` (default 1 and 4, or ``batch``) are the batch sizes of the
     ONNX Runtime check. ``config`` is an ExportConfig whose target, opset and
     batch profile are used. ``input_shape`` (C, H, W) is needed only for models
-    no edgetok adapter knows.
+    no edgetok adapter knows. ``schedule`` is the manifest's record of how the
+    schedule was chosen (default: {"source": "given"} for a reduced model).
     """
     from .. import flops as _flops_of
     from ..patch import adapter_for
     from ..reduce import flops as _flops
 
     step = progress or (lambda _msg: None)
-    target = target or (config.target if config is not None else "portable")
-    opset = opset or (config.opset if config is not None else DEFAULT_OPSET)
-    if target not in TARGETS:
-        raise ExportError(f"unknown export target {target!r}; targets: {', '.join(TARGETS)}")
+    target, opset = resolve_target(target, opset, config)
     output_dir = Path(output_dir)
-    tmp, created = _prepare_dir(output_dir)
-    try:
+    with staged(output_dir) as tmp:
         model = model.eval()
         info = None
         try:
@@ -298,31 +373,13 @@ def export_model(
         step(f"tracing with torch.export (opset {opset})")
         proto = export_onnx(model, shape, opset, batch)
 
-        import onnx
-
-        onnx_path = tmp / "model.onnx"
         batches = list(parity_batches or ([batch] if batch else [1, 4]))
-        parity_result = None
-        if target == "trt":  # bodies stripped: ONNX Runtime cannot run it, so check the full form first
-            full = tmp / "full.onnx"
-            onnx.save(proto, str(full))
-            step("ONNX checker (full form)")
-            check(full)
-            if check_parity:
-                step(f"ONNX Runtime parity, batch {batches} (full form)")
-                parity_result = parity(full, model, shape, batches, tolerance) | {"checked_on": "portable"}
-            full.unlink()
-        proto = apply_target(proto, target)
-        onnx.save(proto, str(onnx_path))
-        step("ONNX checker (full check with shape inference)")
-        check(onnx_path)
-        if check_parity and target != "trt":
-            step(f"ONNX Runtime CPU parity, batch {batches}")
-            parity_result = parity(onnx_path, model, shape, batches, tolerance) | {"checked_on": target}
+        check_fn = (lambda path: parity(path, model, shape, batches, tolerance)) if check_parity else None
+        proto, onnx_path, parity_result = write_checked(proto, tmp, target, check_fn, step,
+                                                        f"ONNX Runtime CPU parity, batch {batches}")
 
         report = _flops_of(model, shape) if info is not None else None
         baseline = _flops.count(info, [None] * info.depth) if info is not None else None
-        edgetok_nodes = _edgetok_nodes(proto)
         from ..models import preprocessing as _pre
 
         manifest = {
@@ -333,12 +390,7 @@ def export_model(
             "params": plan.params if plan is not None else {},
             "adaptive": bool(plan and plan.adaptive),
             "opset": opset,
-            "edgetok_opset": 1 if edgetok_nodes else None,
             "target": target,
-            "edgetok_ops": edgetok_nodes,
-            "function_bodies": sorted(f.name for f in proto.functions if f.domain == DOMAIN),
-            "input": _value_spec(proto.graph.input[0]),
-            "outputs": [_value_spec(o) for o in proto.graph.output],
             "tokens": report.tokens if report is not None else None,
             "flops": None if report is None else {
                 "total": report.total,
@@ -347,17 +399,17 @@ def export_model(
                 "layers": report.to_dict()["layers"],
             },
             "preprocessing": preprocessing if preprocessing is not None else _pre(model, model_name, shape[-2:]),
-            "batch_profile": None if config is None else {
-                "min": config.batch.min, "opt": config.batch.opt, "max": config.batch.max},
+            "schedule": schedule if schedule is not None else ({"source": "given"} if plan is not None else None),
+            "stream": None,
+            "batch_profile": batch_profile(config),
             "config": None if config is None else config.name,
             "parity": parity_result,
-            "sha256": _manifest.sha256(onnx_path),
             "versions": _manifest.versions(),
-        }
+        } | graph_fields(proto, onnx_path)
         (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
         step(f"writing {output_dir}")
-        _commit_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(created or tmp, ignore_errors=True)
-        raise
     return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
+
+
+def batch_profile(config) -> Optional[dict]:
+    return None if config is None else {"min": config.batch.min, "opt": config.batch.opt, "max": config.batch.max}

@@ -32,6 +32,22 @@ changes when one does). Fields:
   side before the crop, or null), ``interpolation``, ``source``} or null when
   unknown; ``source`` says where the numbers come from (timm pretrained_cfg,
   HF image processor defaults, torchvision weights transforms).
+- ``schedule`` how the per-layer values in ``params`` were chosen: null for an
+  unreduced model; {``source``: ``"given"``} when they were given; for
+  ``--schedule auto`` (edgetok.reduce.auto) {``source``: ``"auto"``,
+  ``method``, ``r``, ``goal`` ({``min_speedup``} or {``budget_ms``}),
+  ``backend``, ``batch``, ``predicted_speedup``, ``predicted_ms``,
+  ``baseline_ms``, ``fidelity``, ``goal_met``, ``reduced`` (false: nothing
+  paid off, r=0), ``reason``, ``cost_table`` (the cost table's cache key:
+  model shape, backend, batch, machine, method)}.
+- ``stream`` null, or for a streaming step whose graph has a second, state
+  input (``--method dtd``: edgetok/export/dtd.py) {``kind`` ("dtd"),
+  ``threshold``, ``protect_first``, ``state_input`` {``name``, ``shape``,
+  ``dtype``} (the previous frame's tokens), ``state_output`` (the output
+  to feed back as the next frame's ``state_input``), ``first_state``
+  ("zeros": what to feed on the first frame), ``tokens``/``idx``/``count``
+  (names of the kept tokens, their positions with -1 padding, and the count
+  per stream)}. ``input`` is then the pixel input only.
 - ``batch_profile`` {``min``, ``opt``, ``max``} from the export config, or null.
 - ``config`` str, the export config name, or null.
 - ``parity`` {``batches``, ``max_abs_err``, ``tolerance``}: the ONNX Runtime
@@ -50,7 +66,8 @@ MANIFEST_VERSION = 1
 
 FIELDS = (
     "manifest_version", "model", "family", "method", "params", "adaptive", "opset", "edgetok_opset", "target",
-    "edgetok_ops", "function_bodies", "input", "outputs", "tokens", "flops", "preprocessing", "batch_profile",
+    "edgetok_ops", "function_bodies", "input", "outputs", "tokens", "flops", "preprocessing", "schedule", "stream",
+    "batch_profile",
     "config", "parity", "sha256", "versions",
 )
 
