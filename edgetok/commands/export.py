@@ -104,6 +104,8 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
             method_params[key] = value
     if method != "none":
         get_method(method)  # unknown method: fail before building the model
+    if method == "dtd" and "threshold" in method_params:
+        method_params["threshold"] = _dtd_threshold(method_params["threshold"])
     if target is not None and target not in TARGETS:  # --target CONFIG: the device the export is for
         if config:
             raise click.UsageError(f"--target {target!r} is not an export target ({', '.join(TARGETS)}) and "
@@ -153,8 +155,6 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
         if method == "dtd":  # an output-stage method: the export is one streaming step (export/dtd.py)
             from ..export.dtd import export_dtd_step
 
-            if "threshold" in method_params:
-                method_params["threshold"] = _dtd_threshold(method_params["threshold"])
             stream = apply(model, "dtd", streaming=True, **method_params)
             result = export_dtd_step(stream, output, **common)
         else:

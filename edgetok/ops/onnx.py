@@ -231,6 +231,9 @@ def DiffDrop(x, prev, threshold: float, protect_first: int):
     nx = op.Max(op.Sqrt(op.ReduceSum(op.Mul(x, x), last, keepdims=0)), eps)
     npv = op.Max(op.Sqrt(op.ReduceSum(op.Mul(prev, prev), last, keepdims=0)), eps)
     change = op.Sub(op.CastLike(op.Constant(value_float=1.0), x), op.Div(num, op.Mul(nx, npv)))
+    # clamp to [0, 2] as the contract says: rounding must not drop an unchanged token at threshold 0
+    change = op.Min(op.Max(change, op.CastLike(op.Constant(value_float=0.0), x)),
+                    op.CastLike(op.Constant(value_float=2.0), x))
     n = op.Shape(x, start=1, end=2)
     pos_i = op.Range(op.Squeeze(zero), op.Squeeze(n), op.Squeeze(one))
     keep = op.Or(op.Not(op.Less(change, op.CastLike(op.Constant(value_float=threshold), x))), op.Less(pos_i, pf))

@@ -25,7 +25,8 @@ class Runner:
     output_names: list[str]
     backend: str = ""
 
-    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, x: np.ndarray, **state: np.ndarray) -> dict[str, np.ndarray]:
+        """``state``: further named inputs (a streaming step's previous-frame tokens)."""
         raise NotImplementedError
 
     def sync(self) -> None:
@@ -68,9 +69,9 @@ class OrtRunner(Runner):
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.backend = backend
 
-    def infer(self, x):
+    def infer(self, x, **state):
         self.check(x)
-        return dict(zip(self.output_names, self.sess.run(self.output_names, {self.input.name: x})))
+        return dict(zip(self.output_names, self.sess.run(self.output_names, {self.input.name: x, **state})))
 
 
 class OrtCpu(Backend):

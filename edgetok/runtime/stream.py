@@ -9,6 +9,13 @@ the previous frame's tokens (all of them, as in the paper: comparison is with
 the previous frame, not with the last kept token) and reports tokens kept per
 frame. As in the paper the encoder still runs on every frame; the saving is in
 what follows it (the tokens handed on).
+
+Two kinds of session work: an encoder whose output is tokens (the drop then
+runs here, in torch), or an exported DTD step (``edgetok export --method dtd``,
+edgetok/export/dtd.py), whose graph does the drop itself and takes the previous
+frame's tokens as a second input; its manifest's ``stream`` entry names that
+input and the outputs, and its threshold is the one in the graph. The step
+runs on the ONNX Runtime backends.
 """
 from __future__ import annotations
 
@@ -31,9 +38,15 @@ class FrameTokens:
 
 
 class StreamSession:
-    def __init__(self, session: Session, threshold: float = 0.1, protect_first: int = 1,
+    def __init__(self, session: Session, threshold: Optional[float] = None, protect_first: Optional[int] = None,
                  token_output: Optional[str] = None):
-        self.session, self.threshold, self.protect_first = session, float(threshold), int(protect_first)
+        self.session = session
+        self.dtd_step = _dtd_step(session, threshold, protect_first)
+        if self.dtd_step:
+            threshold, protect_first = self.dtd_step["threshold"], self.dtd_step["protect_first"]
+            token_output = token_output or self.dtd_step["state_output"]
+        self.threshold = 0.1 if threshold is None else float(threshold)
+        self.protect_first = 1 if protect_first is None else int(protect_first)
         self.token_output = token_output or session.output_names[0]
         if self.token_output not in session.output_names:
             raise EdgetokError(f"no output {self.token_output!r}; outputs: {', '.join(session.output_names)}")
@@ -48,11 +61,8 @@ class StreamSession:
 
     def step(self, frame) -> FrameTokens:
         """One frame (an image, or a batch of 1) -> the tokens that changed since the previous frame."""
-        import torch
-
-        from ..reduce.dtd import diff_drop
-
-        tokens = self.session.run(frame)[self.token_output]
+        out = self._run_step(frame) if self.dtd_step else self.session.run(frame)
+        tokens = out[self.token_output]
         if tokens.ndim != 3 or tokens.shape[0] != 1:
             raise EdgetokError(
                 f"output {self.token_output!r} has shape {list(tokens.shape)}; StreamSession needs tokens [1, N, C] "
@@ -61,9 +71,16 @@ class StreamSession:
         if self.prev is not None and self.prev.shape != tokens.shape:
             raise EdgetokError(f"frame tokens changed shape {list(self.prev.shape)} -> {list(tokens.shape)}; reset()")
         n = tokens.shape[1]
-        if self.prev is None:
+        if self.dtd_step:  # the graph dropped (on the first frame against zeros, which keeps all)
+            c = int(out[self.dtd_step["count"]][0])
+            kept_x, idx = out[self.dtd_step["tokens"]][0, :c], out[self.dtd_step["idx"]][0, :c]
+        elif self.prev is None:
             kept_x, idx = tokens[0], np.arange(n, dtype=np.int64)
         else:
+            import torch
+
+            from ..reduce.dtd import diff_drop
+
             x, i, count = diff_drop(torch.from_numpy(tokens), torch.from_numpy(self.prev), self.threshold,
                                     self.protect_first)
             c = int(count[0])
@@ -72,6 +89,29 @@ class StreamSession:
         self.kept_per_frame.append(len(idx))
         return FrameTokens(len(self.kept_per_frame) - 1, kept_x, idx, len(idx), n)
 
+    def _run_step(self, frame) -> dict:
+        x = self.session.prepare(frame)
+        state = self.dtd_step["state_input"]
+        prev = self.prev if self.prev is not None else np.zeros((x.shape[0], *state["shape"][1:]), np.float32)
+        return self.session.runner.infer(x, **{state["name"]: prev})
+
     def run(self, frames: Iterable) -> Iterator[FrameTokens]:
         for frame in frames:
             yield self.step(frame)
+
+
+def _dtd_step(session, threshold, protect_first) -> Optional[dict]:
+    """The manifest's ``stream`` entry when ``session`` runs an exported DTD step, else None."""
+    step = (getattr(session, "manifest", None) or {}).get("stream")
+    if not step:
+        return None
+    if step.get("kind") != "dtd":
+        raise EdgetokError(f"this export is a {step.get('kind')!r} streaming step; StreamSession runs DTD steps")
+    if session.backend not in ("ort-cpu", "ort-cuda"):
+        raise EdgetokError(f"an exported DTD step runs on ONNX Runtime here, not {session.backend!r}; "
+                           "load it with backend='ort-cpu' or 'ort-cuda'")
+    for name, given in (("threshold", threshold), ("protect_first", protect_first)):
+        if given is not None and float(given) != float(step[name]):
+            raise EdgetokError(f"this export drops with {name}={step[name]} inside its graph, not {given}; "
+                               f"leave {name} unset or re-export with the value you want")
+    return step
