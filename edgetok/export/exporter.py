@@ -147,8 +147,10 @@ def trace(module: nn.Module, args: tuple, input_names: Sequence[str], opset: int
         raise
     except Exception as e:  # torch.export raises many types; the first line says what failed
         raise ExportError(f"the ONNX exporter cannot handle this model: {_first_line(e)}") from e
+    from .. import __version__
+
     proto = add_functions(program.model_proto)
-    proto.producer_name = "edgetok"
+    proto.producer_name, proto.producer_version = "edgetok", __version__
     return proto
 
 
