@@ -155,7 +155,7 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
         if method == "dtd":  # an output-stage method: the export is one streaming step (export/dtd.py)
             from ..export.dtd import export_dtd_step
 
-            stream = apply(model, "dtd", streaming=True, **method_params)
+            stream = apply(model, "dtd", **(method_params | {"streaming": True}))
             result = export_dtd_step(stream, output, **common)
         else:
             reduced = model if method == "none" else apply(model, method, **method_params)

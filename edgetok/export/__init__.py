@@ -12,7 +12,12 @@ def __getattr__(name):
         from . import exporter
 
         return getattr(exporter, name)
+    if name == "export_dtd_step":
+        from .dtd import export_dtd_step
+
+        return export_dtd_step
     raise AttributeError(name)
 
 
-__all__ = ["DOMAIN", "TARGETS", "apply_target", "export_model", "ExportResult", "export_onnx"]
+__all__ = ["DOMAIN", "TARGETS", "apply_target", "export_model", "ExportResult", "export_onnx",
+           "export_dtd_step"]
