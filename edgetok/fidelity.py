@@ -43,7 +43,10 @@ SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 def _package_dir(module: str) -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # find_spec imports the parent package, which may be absent
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
             f"real photos need {module.split('.')[0]}: pip install 'edgetok[data]' (scikit-image, scikit-learn)"
