@@ -84,3 +84,15 @@ def test_auto_schedule_on_a_model_with_a_fake_table_and_cache(tmp_path):
     path = A.save_table(t, tmp_path)
     assert path.is_file() and A.load_table(t.key, tmp_path) == t
     assert A.load_table(t.key | {"batch": 99}, tmp_path) is None
+
+
+def test_calibration_falls_back_to_random_images_without_photo_packages(monkeypatch):
+    import sys
+
+    for name in ("skimage", "sklearn"):
+        monkeypatch.setitem(sys.modules, name, None)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    from edgetok.patch import adapter_for
+
+    images = A._calibration_images(adapter_for(model).info(model))
+    assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()

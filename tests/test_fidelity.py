@@ -86,3 +86,14 @@ def test_labelled_set_from_shipped_photos_is_deterministic(tmp_path, vit):
     pytest.importorskip("matplotlib")
     out = F.plot_merges(edgetok.apply(vit, "tome", r=3), F.photos()["chelsea"], tmp_path / "m.png")
     assert out.stat().st_size > 1000
+
+
+def test_missing_photo_packages_give_the_install_hint(monkeypatch):
+    """Without scikit-image / scikit-learn the photos raise edgetok's hint, not a ModuleNotFoundError
+    (importlib's find_spec imports the parent package and raises when it is absent)."""
+    import sys
+
+    for name in ("skimage", "skimage.data", "sklearn", "sklearn.datasets", "sklearn.datasets.images"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(edgetok.errors.MissingDependencyError, match=r"pip install 'edgetok\[data\]'"):
+        F.photos()
