@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 import edgetok
 from edgetok.commands.bench import DEFAULT_VARIANTS, MODELS, backends_here, plot_matrix, run_matrix, write_json
-from edgetok.timing import machine_facts
+from edgetok.timing import machine_facts, share_ort_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_matrix.json"))
     ap.add_argument("--plots", default=str(ROOT / "docs" / "figures"))
     args = ap.parse_args()
+    share_ort_threads(torch.get_num_threads())  # ORT sessions take turns: one pool, no idle pool spinning
     backends = [b for b in args.backends.split(",") if b] or backends_here()
 
     def step(msg):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,9 +34,9 @@ QUICK = {"vit_tiny_patch16_224": [("tome", {"r": 8}), ("drop", {"keep_rate": 0.7
 def session(path: str, threads: int):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    from edgetok.timing import ort_session_options
+
+    opts = ort_session_options(threads, interleaved=True)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
@@ -104,6 +103,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny, batch 1, 5 rounds")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/ort_cpu[_quick].json)")
     a = p.parse_args(argv)
+    from edgetok.timing import machine_facts, share_ort_threads
+
+    share_ort_threads(a.threads)  # the sessions take turns: one pool, no idle pool spinning on the cores
     variants = QUICK if a.quick else VARIANTS
     if a.models:
         variants = {m: VARIANTS.get(m, VARIANTS["vit_small_patch16_224"]) for m in a.models}
@@ -114,8 +116,7 @@ def main(argv=None):
             rows += bench_model(name, vs, batches, repeats, a.warmup, a.threads, work)
     result = {
         "benchmark": "onnxruntime CPU latency, edgetok portable exports vs unreduced export",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads": a.threads},
+        "machine": machine_facts() | {"ort_threads": a.threads},
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
         "repeats": repeats, "warmup": a.warmup, "weights": "random (timm pretrained=False)",
         "rows": rows,

@@ -15,7 +15,6 @@ docs/serving.md (between the bench_serve markers).
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import tempfile
 import threading

@@ -30,7 +30,7 @@ import edgetok.ops.library  # noqa: F401
 from edgetok.stream import StreamingEncoder
 from edgetok.stream import report as rp
 from edgetok.stream.video import SAMPLE_CLIPS, frames, probe, sample_clip
-from edgetok.timing import machine_facts
+from edgetok.timing import machine_facts, share_ort_threads
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -55,6 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    share_ort_threads(args.threads)  # streaming and full sessions take turns: one pool, no idle spinning
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
     backends = args.backends.split(",")

@@ -441,7 +441,9 @@ def onnx_hidden_states(onnx_path: PathLike, x: np.ndarray) -> tuple[list[str], l
         d.dim_param = name  # the traced graph resamples positions per input: let other sizes in
     del g.output[:]
     g.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in taps)
-    opts = ort.SessionOptions()
+    from .timing import ort_session_options
+
+    opts = ort_session_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact reference, no fusions
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return stages, sess.run(taps, {g.input[0].name: x.astype(np.float32)})

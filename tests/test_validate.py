@@ -6,6 +6,7 @@ import torch
 
 from edgetok.cli import main
 from edgetok.validate import measure, validate
+from edgetok.validate.latency import measure_interleaved
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,14 @@ def test_measure_percentiles_are_ordered():
     stats = measure(lambda: time.sleep(0.001), lambda: None, batch=4, runs=20, warmup=2)
     assert 1.0 <= stats.min_ms <= stats.p50_ms <= stats.p90_ms <= stats.p99_ms
     assert stats.throughput == pytest.approx(4e3 / stats.mean_ms)
+
+
+def test_interleaved_models_take_turns_run_by_run():
+    order = []
+    stats = measure_interleaved({"a": (lambda: order.append("a"), lambda: None),
+                                 "b": (lambda: order.append("b"), lambda: None)}, batch=1, runs=3, warmup=2)
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up per model, then one run each per round
+    assert set(stats) == {"a", "b"} and stats["a"].runs == stats["b"].runs == 3
 
 
 def test_report_json_parity_and_baseline(export, tmp_path):

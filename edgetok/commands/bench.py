@@ -112,6 +112,7 @@ def _timed_fns(models: dict, x, backend: str) -> dict:
     import onnxruntime as ort
 
     from ..export.exporter import export_onnx
+    from ..timing import ort_session_options
 
     providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     fns, feed = {}, x.numpy().astype(np.float32)
@@ -119,7 +120,8 @@ def _timed_fns(models: dict, x, backend: str) -> dict:
 
     for name, m in models.items():
         proto = export_onnx(m, adapter_for(m).info(m).input_shape)
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=providers)
+        sess = ort.InferenceSession(proto.SerializeToString(), ort_session_options(interleaved=True),
+                                    providers=providers)
         inp = sess.get_inputs()[0].name
         fns[name] = lambda s=sess, i=inp: s.run(None, {i: feed})
     return fns

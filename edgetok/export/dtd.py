@@ -86,7 +86,9 @@ def stream_parity(path: Path, stream, shape: Sequence[int], batches: Sequence[in
     identical, frame by frame."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from ..timing import ort_session_options
+
+    opts = ort_session_options()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     errors = {}

@@ -187,7 +187,9 @@ def parity(path: Path, model: nn.Module, input_shape: Sequence[int], batches: Se
     """Max abs difference between ONNX Runtime CPU and the torch model per batch size."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from ..timing import ort_session_options
+
+    opts = ort_session_options()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)

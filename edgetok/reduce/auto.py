@@ -245,7 +245,7 @@ def _time_ort(backend):
     import onnxruntime as ort
 
     from ..ops.onnx import add_functions, custom_translation_table
-    from ..timing import percentile
+    from ..timing import ort_session_options, percentile
 
     providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     if providers[0] not in ort.get_available_providers():
@@ -262,7 +262,8 @@ def _time_ort(backend):
             prog = torch.onnx.export(mod.cpu(), (x.cpu(),), dynamo=True, opset_version=18, input_names=["x"],
                                      custom_translation_table=custom_translation_table(), verbose=False)
         proto = add_functions(prog.model_proto)
-        return ort.InferenceSession(proto.SerializeToString(), providers=providers)
+        return ort.InferenceSession(proto.SerializeToString(), ort_session_options(interleaved=True),
+                                    providers=providers)
 
     def run(mods, x, repeats):
         sessions = {k: session(m, x) for k, m in mods.items()}

@@ -54,12 +54,13 @@ class Backend:
 
 # -- ONNX Runtime --------------------------------------------------------------
 class OrtRunner(Runner):
-    def __init__(self, onnx: Path, providers: list, backend: str, threads: Optional[int] = None):
+    def __init__(self, onnx: Path, providers: list, backend: str, threads: Optional[int] = None,
+                 interleaved: bool = False):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        from ..timing import ort_session_options
+
+        opts = ort_session_options(threads, interleaved)
         try:
             self.sess = ort.InferenceSession(str(onnx), opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types
@@ -86,8 +87,8 @@ class OrtCpu(Backend):
             return f"{art.root} has no ONNX model"
         return None
 
-    def open(self, art, threads=None, **_):
-        return OrtRunner(art.onnx, ["CPUExecutionProvider"], self.name, threads)
+    def open(self, art, threads=None, interleaved=False, **_):
+        return OrtRunner(art.onnx, ["CPUExecutionProvider"], self.name, threads, interleaved)
 
 
 class OrtCuda(OrtCpu):
@@ -103,8 +104,8 @@ class OrtCuda(OrtCpu):
             return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
         return None
 
-    def open(self, art, threads=None, **_):
-        return OrtRunner(art.onnx, ["CUDAExecutionProvider", "CPUExecutionProvider"], self.name, threads)
+    def open(self, art, threads=None, interleaved=False, **_):
+        return OrtRunner(art.onnx, ["CUDAExecutionProvider", "CPUExecutionProvider"], self.name, threads, interleaved)
 
 
 # -- TensorRT --------------------------------------------------------------------

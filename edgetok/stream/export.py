@@ -132,7 +132,8 @@ class OrtStreamingEncoder:
     """Runs an exported streaming step in ONNX Runtime with the torch encoder's policy.
     ``step(frame [B,C,H,W] numpy) -> StepOutput`` (numpy arrays in torch tensors' places)."""
 
-    def __init__(self, path, providers: Optional[list] = None, threads: Optional[int] = None):
+    def __init__(self, path, providers: Optional[list] = None, threads: Optional[int] = None,
+                 interleaved: bool = True):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -142,9 +143,10 @@ class OrtStreamingEncoder:
         if not mf.is_file():
             raise EdgetokError(f"{root} has no stream.json; write it with edgetok.stream.export.export_stream")
         self.manifest = json.loads(mf.read_text())
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        from ..timing import ort_session_options
+
+        # the delta and full graphs take turns (every refresh), so by default their idle threads do not spin
+        opts = ort_session_options(threads, interleaved)
         prov = providers or ["CPUExecutionProvider"]
         g = self.manifest["graphs"]
         self.delta = ort.InferenceSession(str(root / g["delta"]), opts, providers=prov)

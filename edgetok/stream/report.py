@@ -69,9 +69,9 @@ def torch_full(model) -> FullFn:
 def ort_full(path, threads=None) -> FullFn:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    from ..timing import ort_session_options
+
+    opts = ort_session_options(threads, interleaved=True)  # timed in turns with the streaming step
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda frame: sess.run(None, {sess.get_inputs()[0].name: _np(frame)})[0]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..runtime.artifacts import write_json
 from ..runtime.session import Session, load
-from .latency import measure
+from .latency import measure_interleaved
 from .parity import compare
 
 
@@ -24,8 +24,7 @@ def _inputs(sess: Session, batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _measure(sess: Session, x: np.ndarray, runs: int, warmup: int) -> dict:
-    stats = measure(lambda: sess.run_prepared(x), sess.sync, x.shape[0], runs, warmup)
+def _describe(sess: Session, stats) -> dict:
     m = sess.manifest
     return {
         "path": str(sess.artifacts.root if sess.artifacts else "module"),
@@ -59,12 +58,21 @@ def validate(
     report_path=None,
     **options,
 ) -> dict:
-    """Measure ``path``; returns the report dict (``passed`` False when p99 > budget_ms)."""
+    """Measure ``path``; returns the report dict (``passed`` False when p99 > budget_ms).
+    With ``baseline`` the two take turns run by run (interleaved) in the same process."""
+    if baseline is not None:
+        options = {"interleaved": True, **options}  # two ORT sessions taking turns: no spinning idle threads
     sess = load(path, backend=backend, **options)
+    base = load(baseline, backend=backend, **options) if baseline is not None else None
     x = _inputs(sess, batch)
     report = {"schema": "edgetok.validate/1", "machine": _machine(), "batch": batch, "runs": runs, "warmup": warmup,
               "budget_ms": budget_ms}
-    report["model"] = _measure(sess, x, runs, warmup)
+    timed = {"model": (lambda: sess.run_prepared(x), sess.sync)}
+    if base is not None:
+        xb = _inputs(base, batch)
+        timed["baseline"] = (lambda: base.run_prepared(xb), base.sync)
+    stats = measure_interleaved(timed, batch, runs, warmup)
+    report["model"] = _describe(sess, stats["model"])
     if torch_model is not None or _has_torch(sess):
         ref = load(path, backend="torch", preprocess=False, **({"module": torch_model} if torch_model is not None else {}))
         out = sess.run_prepared(x)
@@ -73,9 +81,8 @@ def validate(
         report["parity"] = {"output": name, **compare(out[name], next(iter(ref_out.values())), atol)}
     else:
         report["parity"] = {"skipped": "no torch model (pass torch_model= or save model.pt2 in the export dir)"}
-    if baseline is not None:
-        base = load(baseline, backend=backend, **options)
-        report["baseline"] = _measure(base, _inputs(base, batch), runs, warmup)
+    if base is not None:
+        report["baseline"] = _describe(base, stats["baseline"])
         b, r = report["baseline"]["latency"], report["model"]["latency"]
         report["speedup"] = {
             "p50": b["p50_ms"] / r["p50_ms"],
