@@ -42,7 +42,7 @@ def main() -> None:
             with torch.inference_mode():
                 thresholds = calibrate(base, x[:8], r=r)
             variants = {
-                f"tome r={r}": edgetok.apply(base, "tome", r=r),
+                f"tome r={r}": edgetok.apply(base, "tome", r=r, clamp=True),
                 "drop keep_rate=0.7": edgetok.apply(base, "drop", keep_rate=0.7),
                 f"dymu (calibrated to r={r})": edgetok.apply(base, "dymu", threshold=thresholds),
             }

@@ -137,6 +137,18 @@ def test_schedule_too_large_names_layer_and_counts(vit):
         edgetok.apply(vit, "drop", keep_rate=1.5)
 
 
+def test_tome_clamp_merges_what_each_layer_can(vit):
+    """ToMe's reference rule r = min(r, mergeable) per layer, asked for explicitly."""
+    with pytest.raises(ScheduleError, match="clamp=True"):
+        edgetok.apply(vit, "tome", r=6)
+    clamped = edgetok.apply(vit, "tome", r=6, clamp=True)  # 17 tokens, 1 protected: 6, then 11 -> 5 left to merge
+    assert clamped.edgetok_plan.params["r"] == [6, 5, 2]
+    x = torch.randn(2, 3, 32, 32)
+    assert edgetok.token_counts(clamped, x) == [17, 11, 6, 4] == edgetok.flops(clamped).tokens
+    explicit = edgetok.apply(vit, "tome", r=[6, 5, 2])
+    torch.testing.assert_close(clamped(x), explicit(x), rtol=0, atol=0)
+
+
 def test_bad_inputs_are_clear_errors(vit):
     with pytest.raises(UnknownMethodError, match="unknown method 'nope'; registered methods: .*tome"):
         edgetok.apply(vit, "nope")

@@ -21,7 +21,9 @@ Departures from the reference code, all deliberate:
 - Ties break towards the lower index (stable sort), which is what ONNX TopK
   does, so every backend picks the same tokens.
 - A schedule asking for more merges than there are mergeable A tokens is an
-  error instead of being clamped silently.
+  error instead of being clamped silently; ``clamp=True`` asks for the
+  reference code's rule (r = min(r, what can merge) at each layer), which is
+  how the paper's "ViT-B r=16" runs, and the plan records the counts used.
 - The metric is normalised with a small epsilon (the reference divides by the
   norm directly), so an all-zero key does not produce NaN.
 """
@@ -53,7 +55,8 @@ def check_merge(n: int, r: int, protect_first: int, where: str = "") -> None:
     if r < 0 or r > limit:
         raise ScheduleError(
             f"{where}cannot merge r={r} tokens out of {n} (with {protect_first} protected "
-            f"tokens at most {limit} can merge in one step); lower r"
+            f"tokens at most {limit} can merge in one step); lower r, or pass clamp=True to merge what each "
+            "layer can (the ToMe reference code's rule)"
         )
 
 
@@ -146,11 +149,14 @@ class TokenMerge(Reducer):
 
 
 @register_method("tome", "ToMe bipartite token merging: r tokens merged per layer, proportional attention")
-def build_tome(depth: int, tokens: int, protect: int, r=8, prop_attn: bool = True, protect_first=None) -> Plan:
+def build_tome(depth: int, tokens: int, protect: int, r=8, prop_attn: bool = True, protect_first=None,
+               clamp: bool = False) -> Plan:
     p = protect if protect_first is None else int(protect_first)
     rs = resolve_counts(r, depth, "r")
     reducers, n = [], tokens
     for i, ri in enumerate(rs):
+        if clamp:
+            ri = rs[i] = min(ri, max_merges(n, p))
         step = TokenMerge(ri, p)
         n = step.tokens_after(n, f"layer {i}: ")
         reducers.append(step if ri else None)
