@@ -10,13 +10,17 @@
 // where TensorRT is installed (CMake option EDGETOK_BUILD_TRT_PLUGIN). The kernels and all
 // semantics live in libedgetok_kernels.so (the C API in edgetok/kernels.h).
 //
-// ThresholdMerge has a data-dependent token count M: it declares a 0-D INT64 size tensor as
-// its fourth output (IExprBuilder::declareSizeTensor, upper bound N) and writes
-// x_out [B,M,C], size_out [B,M,1], count [B] (INT64) with the row stride M computed on the
-// device. TensorRT 8.5 (JetPack 5) has no IPluginV3; no IPluginV2DynamicExt variant is built.
+// ThresholdMerge has a data-dependent token count M: it declares a 0-D INT32 size tensor as
+// its fourth output (IExprBuilder::declareSizeTensor, upper bound N; the TensorRT 10 headers
+// require size tensor outputs to be DataType::kINT32) and writes x_out [B,M,C],
+// size_out [B,M,1], count [B] (INT64) with the row stride M computed on the device. The
+// kernel keeps M as an int64 in the first 256 bytes of the workspace; enqueue copies its
+// low 32 bits into the size tensor. TensorRT 8.5 (JetPack 5) has no IPluginV3; no
+// IPluginV2DynamicExt variant is built.
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -30,6 +34,12 @@ namespace {
 
 constexpr char kNamespace[] = "edgetok";
 constexpr char kVersion[] = "1";
+
+// ThresholdMerge: the int64 batch-max row count M sits at the start of the workspace (one
+// 256-byte slot, keeping the kernels' scratch 256-byte aligned behind it).
+constexpr size_t kCountSlot = 256;
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "ThresholdMerge copies the low 32 bits of an int64 into its INT32 size tensor");
 
 ILoggerFinder* gLoggerFinder = nullptr;
 
@@ -47,6 +57,17 @@ int dtypeCode(DataType t) {
         case DataType::kHALF: return EDGETOK_F16;
         case DataType::kBF16: return EDGETOK_BF16;
         default: return -1;
+    }
+}
+
+// IPluginV3::clone: a copy, or nullptr if it cannot be made (the contract forbids throwing).
+template <class Plugin>
+IPluginV3* cloneOf(Plugin const& p) noexcept {
+    try {
+        return new Plugin(p);
+    } catch (...) {
+        logError(std::string(p.getPluginName()) + ": could not clone the plugin");
+        return nullptr;
     }
 }
 
@@ -93,6 +114,7 @@ public:
     bool readFields(PluginFieldCollection const* fc) {
         for (int32_t i = 0; fc && i < fc->nbFields; ++i) {
             PluginField const& f = fc->fields[i];
+            if (f.name == nullptr) continue;
             for (Attr const& a : attrs()) {
                 if (std::strcmp(f.name, a.name) != 0) continue;
                 if (f.type != a.type || f.length < 1 || f.data == nullptr) {
@@ -137,7 +159,7 @@ public:
     std::vector<Attr> attrs() override {
         return {{"r", PluginFieldType::kINT32, &mR}, {"protect_first", PluginFieldType::kINT32, &mProtect}};
     }
-    IPluginV3* clone() noexcept override { return new TokenMergePlugin(*this); }
+    IPluginV3* clone() noexcept override { return cloneOf(*this); }
     int32_t getNbOutputs() const noexcept override { return 2; }
 
     bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
@@ -149,7 +171,7 @@ public:
     }
     int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
                             IExprBuilder& eb) noexcept override {
-        if (nbInputs != 3 || in[0].nbDims != 3) return -1;
+        if (nbInputs != 3 || in[0].nbDims != 3 || in[1].nbDims != 3 || in[2].nbDims != 3) return -1;
         auto const* rows = eb.operation(DimensionOperation::kSUB, *in[0].d[1], *eb.constant(mR));
         out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = rows, out[0].d[2] = in[0].d[2];
         out[1].nbDims = 3, out[1].d[0] = in[0].d[0], out[1].d[1] = rows, out[1].d[2] = eb.constant(1);
@@ -180,7 +202,7 @@ public:
                 {"protect_first", PluginFieldType::kINT32, &mProtect},
                 {"fuse_dropped", PluginFieldType::kINT32, &mFuse}};
     }
-    IPluginV3* clone() noexcept override { return new TokenDropPlugin(*this); }
+    IPluginV3* clone() noexcept override { return cloneOf(*this); }
     int32_t getNbOutputs() const noexcept override { return 2; }
 
     bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
@@ -195,7 +217,7 @@ public:
     }
     int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
                             IExprBuilder& eb) noexcept override {
-        if (nbInputs != 2 || in[0].nbDims != 3) return -1;
+        if (nbInputs != 2 || in[0].nbDims != 3 || in[1].nbDims != 2) return -1;
         out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = eb.constant(mKeep + (mFuse ? 1 : 0));
         out[0].d[2] = in[0].d[2];
         out[1].nbDims = 2, out[1].d[0] = in[0].d[0], out[1].d[1] = eb.constant(mKeep);
@@ -225,28 +247,31 @@ public:
         return {{"threshold", PluginFieldType::kFLOAT32, &mThreshold},
                 {"protect_first", PluginFieldType::kINT32, &mProtect}};
     }
-    IPluginV3* clone() noexcept override { return new ThresholdMergePlugin(*this); }
+    IPluginV3* clone() noexcept override { return cloneOf(*this); }
     // x_out, size_out, count, and the 0-D size tensor M
     int32_t getNbOutputs() const noexcept override { return 4; }
 
     bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
         if (!linear(pos, io)) return false;
-        if (pos == 5 || pos == 6) return io[pos].desc.type == DataType::kINT64;  // count, size tensor
+        if (pos == 5) return io[pos].desc.type == DataType::kINT64;  // count
+        if (pos == 6) return io[pos].desc.type == DataType::kINT32;  // size tensor (must be INT32)
         return floatIo(pos, io);  // x, metric, size, x_out, size_out
     }
     int32_t getOutputDataTypes(DataType* out, int32_t, DataType const* in, int32_t) const noexcept override {
         out[0] = out[1] = in[0];
-        out[2] = out[3] = DataType::kINT64;
+        out[2] = DataType::kINT64;  // count
+        out[3] = DataType::kINT32;  // size tensor M
         return 0;
     }
     int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
                             IExprBuilder& eb) noexcept override {
-        if (nbInputs != 3 || in[0].nbDims != 3) return -1;
+        if (nbInputs != 3 || in[0].nbDims != 3 || in[1].nbDims != 3 || in[2].nbDims != 3) return -1;
         IDimensionExpr const* n = in[0].d[1];
         // Optimisation hint: about three quarters of the tokens stay; upper bound: all of them.
         auto const* opt = eb.operation(DimensionOperation::kFLOOR_DIV,
                                        *eb.operation(DimensionOperation::kPROD, *n, *eb.constant(3)), *eb.constant(4));
         auto const* m = eb.declareSizeTensor(3, *opt, *n);
+        if (m == nullptr) return -1;
         out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = m, out[0].d[2] = in[0].d[2];
         out[1].nbDims = 3, out[1].d[0] = in[0].d[0], out[1].d[1] = m, out[1].d[2] = eb.constant(1);
         out[2].nbDims = 1, out[2].d[0] = in[0].d[0];
@@ -255,17 +280,25 @@ public:
     }
     size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t, DynamicPluginTensorDesc const*,
                             int32_t) const noexcept override {
-        return edgetok_threshold_merge_workspace_size(in[0].max.d[0], in[0].max.d[1]);
+        return kCountSlot + edgetok_threshold_merge_workspace_size(in[0].max.d[0], in[0].max.d[1]);
     }
     int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
                     void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
         Dims const& d = in[0].dims;
-        return report(edgetok_threshold_merge(dtypeCode(in[0].type), inputs[0], inputs[1], inputs[2], outputs[0],
-                                              outputs[1], static_cast<int64_t*>(outputs[2]),
-                                              static_cast<int64_t*>(outputs[3]), d.d[0], d.d[1], d.d[2],
-                                              in[1].dims.d[2], mThreshold, mProtect, workspace,
-                                              edgetok_threshold_merge_workspace_size(d.d[0], d.d[1]), stream),
-                      "enqueue");
+        auto* maxCount = static_cast<int64_t*>(workspace);
+        int rc = report(edgetok_threshold_merge(dtypeCode(in[0].type), inputs[0], inputs[1], inputs[2], outputs[0],
+                                                outputs[1], static_cast<int64_t*>(outputs[2]), maxCount, d.d[0],
+                                                d.d[1], d.d[2], in[1].dims.d[2], mThreshold, mProtect,
+                                                static_cast<char*>(workspace) + kCountSlot,
+                                                edgetok_threshold_merge_workspace_size(d.d[0], d.d[1]), stream),
+                        "enqueue");
+        if (rc != 0) return rc;
+        // M <= N < 2^31: the low 32 bits of the little-endian int64 are the INT32 size tensor.
+        if (cudaMemcpyAsync(outputs[3], maxCount, sizeof(int32_t), cudaMemcpyDeviceToDevice, stream) != cudaSuccess) {
+            logError(std::string(mName) + " enqueue: copying the row count into the size tensor failed");
+            return -1;
+        }
+        return 0;
     }
 
 private:
