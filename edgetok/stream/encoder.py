@@ -83,11 +83,34 @@ def _adapter(model):
     return adapter_for(model)
 
 
+class Normalize(nn.Module):
+    """(frame - mean) / std per channel, or the frame as it is when no mean/std is given.
+    Inside the encoder so that the pixel change is measured on the frames as they come
+    ([0, 1] pixels) while the model sees the input it was trained on."""
+
+    def __init__(self, mean=None, std=None, channels: int = 3):
+        super().__init__()
+        if (mean is None) != (std is None):
+            raise ScheduleError("give both mean and std to normalise frames, or neither")
+        self.active = mean is not None
+        if self.active:
+            mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+            if mean.numel() != channels or std.numel() != channels or bool((std <= 0).any()):
+                raise ScheduleError(f"mean and std need {channels} values each, std > 0; got {mean.tolist()}, "
+                                    f"{std.tolist()}")
+            self.register_buffer("mean", mean.reshape(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", std.reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, frame: Tensor) -> Tensor:
+        return (frame - self.mean.to(frame.dtype)) / self.std.to(frame.dtype) if self.active else frame
+
+
 class StreamCore(nn.Module):
     """The pure per-frame computation (no policy, no Python state): change scores, then
     the selected tokens through every block against the K/V cache."""
 
-    def __init__(self, model: nn.Module, threshold: float, mode: str = "pixel", compare: str = "reference"):
+    def __init__(self, model: nn.Module, threshold: float, mode: str = "pixel", compare: str = "reference",
+                 mean=None, std=None):
         super().__init__()
         if mode not in MODES:
             raise ScheduleError(f"stream mode must be one of {MODES}, not {mode!r}")
@@ -99,13 +122,14 @@ class StreamCore(nn.Module):
         self.model = model
         self.info = self.adapter.info(model)
         self.threshold, self.mode, self.compare = float(threshold), mode, compare
+        self.normalize = Normalize(mean, std, self.info.in_chans)
 
     @property
     def num_patches(self) -> int:
         return self.info.tokens - self.info.num_prefix
 
     def embed(self, frame: Tensor) -> Tensor:
-        return self.adapter.embed(self.model, frame)
+        return self.adapter.embed(self.model, self.normalize(frame))
 
     def change(self, frame: Tensor, x: Tensor, ref: Tensor) -> Tensor:
         """[B, patches] change of each patch token against its reference."""
@@ -184,8 +208,11 @@ class StreamingEncoder(nn.Module):
     """Stateful streaming encoder: ``forward(frames [B,C,H,W]) -> StepOutput``, one call
     per frame of B parallel streams.
 
+    ``mean``/``std``: the model's input normalisation, applied inside the encoder, so
+    frames come in as [0, 1] pixels (None: frames are already model-ready).
     ``threshold``: change at or above which a patch token is recomputed (pixel mode:
-    mean absolute difference on the encoder's input scale; feature mode: ``1 - cos``);
+    mean absolute difference on the frames' scale, [0, 1] pixels with ``mean``/``std``;
+    feature mode: ``1 - cos``);
     0 computes every token. ``refresh_every``: full frame every K frames (0: only the
     first). ``max_changed_share``: a stream whose changed share of patch tokens exceeds
     it is computed in full. ``budget``: None computes exactly the changed tokens
@@ -194,9 +221,10 @@ class StreamingEncoder(nn.Module):
     """
 
     def __init__(self, model: nn.Module, threshold: float = 0.03, mode: str = "pixel", compare: str = "reference",
-                 refresh_every: int = 0, max_changed_share: float = 0.5, budget: Optional[int] = None):
+                 refresh_every: int = 0, max_changed_share: float = 0.5, budget: Optional[int] = None,
+                 mean=None, std=None):
         super().__init__()
-        self.core = StreamCore(model, threshold, mode, compare)
+        self.core = StreamCore(model, threshold, mode, compare, mean, std)
         if refresh_every < 0:
             raise ScheduleError(f"refresh_every={refresh_every} must be >= 0 (0: refresh only on the first frame)")
         if not 0.0 <= max_changed_share <= 1.0:
@@ -243,10 +271,21 @@ class StreamingEncoder(nn.Module):
         return out
 
 
-def encode_full(model: nn.Module, frames: Tensor) -> Tensor:
-    """Every token of every frame through every block: the reference the stream is compared with."""
+def stream_normalization(model: nn.Module) -> dict:
+    """{"mean": ..., "std": ...} the model expects (timm / Hugging Face / torchvision
+    configs), or {} when unknown: keyword arguments for StreamingEncoder and encode_full."""
+    from ..models import preprocessing
+
+    pre = preprocessing(model, None, _adapter(model).info(model).image_size)
+    return {"mean": pre["mean"], "std": pre["std"]} if pre and pre.get("mean") and pre.get("std") else {}
+
+
+def encode_full(model: nn.Module, frames: Tensor, mean=None, std=None) -> Tensor:
+    """Every token of every frame through every block: the reference the stream is compared with
+    (``mean``/``std`` as in StreamingEncoder)."""
     from ..patch.base import run_blocks
 
     adapter = _adapter(model)
+    frames = Normalize(mean, std, frames.shape[1]).to(frames.device)(frames)
     with torch.no_grad():
         return run_blocks(adapter, model, adapter.embed(model, frames))[0]

@@ -47,14 +47,14 @@ class StreamStep(nn.Module):
 class FullEncoder(nn.Module):
     """Plain per-frame encoding (every token, every block): the baseline the stream is timed against."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, mean=None, std=None):
         super().__init__()
-        self.model = model
+        self.model, self.mean, self.std = model, mean, std
 
     def forward(self, frame):
         from .encoder import encode_full
 
-        return encode_full(self.model, frame)
+        return encode_full(self.model, frame, self.mean, self.std)
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, opset: int, inputs=INPUTS, outputs=OUTPUTS) -> None:
@@ -105,6 +105,8 @@ def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int
         "kind": "edgetok-stream", "graphs": graphs, "batch": batch, "budget": budget,
         "threshold": core.threshold, "mode": core.mode, "compare": core.compare,
         "refresh_every": encoder.refresh_every, "max_changed_share": encoder.max_changed_share,
+        "normalize": {"mean": core.normalize.mean.flatten().tolist(), "std": core.normalize.std.flatten().tolist()}
+        if core.normalize.active else None,
         "num_prefix": info.num_prefix, "num_patches": core.num_patches, "tokens": info.tokens, "dim": info.dim,
         "input_shape": [batch, *info.input_shape], "family": info.family,
         "state_shapes": {"ref": list(st.ref.shape), "k_cache": list(st.k.shape), "v_cache": list(st.v.shape),
@@ -117,14 +119,15 @@ def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int
     return StreamExport(out, manifest)
 
 
-def export_full(model: nn.Module, path, batch: int = 1, opset: int = 18) -> Path:
-    """The plain encoder (frame -> tokens [B,N,C]) as ONNX, for timing the stream against it in ORT."""
+def export_full(model: nn.Module, path, batch: int = 1, opset: int = 18, mean=None, std=None) -> Path:
+    """The plain encoder (frame -> tokens [B,N,C]) as ONNX, for timing the stream against it in ORT
+    (``mean``/``std``: the normalisation inside, as in StreamingEncoder)."""
     from .encoder import _adapter
 
     info = _adapter(model).info(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _onnx_export(FullEncoder(model).eval(), (torch.zeros(batch, *info.input_shape),), path, opset, ["frame"], ["tokens"])
+    _onnx_export(FullEncoder(model, mean, std).eval(), (torch.zeros(batch, *info.input_shape),), path, opset, ["frame"], ["tokens"])
     return path
 
 

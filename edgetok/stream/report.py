@@ -60,10 +60,10 @@ def ort_stream(runner) -> StreamFn:
     return run
 
 
-def torch_full(model) -> FullFn:
+def torch_full(model, mean=None, std=None) -> FullFn:
     from .encoder import encode_full
 
-    return lambda frame: encode_full(model, frame)
+    return lambda frame: encode_full(model, frame, mean, std)
 
 
 def ort_full(path, threads=None) -> FullFn:
