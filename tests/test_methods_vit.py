@@ -204,10 +204,23 @@ def test_diffrate_r_splits_into_merge_and_prune():
     ("vlm_output", dict(budget=17), "between 1 and"),
     ("vlm_output", dict(scorer="nope"), "unknown vlm_output scorer"),
     ("vlm_output", dict(scorer="divprune", options={"iterations": 2}), "has no option"),
+    ("vlm_output", dict(budget=4, scorer="zero_tprune", options={"r_similarity": 6}), "at most half"),
 ])
 def test_bad_params_raise_clear_errors(method, params, match):
     with pytest.raises(ScheduleError, match=match):
         edgetok.apply(tiny_vit(), method, **params)
+
+
+def test_vlm_output_zero_tprune_default_split_is_valid_for_small_budgets():
+    """Default split: half each, but the S-stage removes at most half of what the I-stage keeps."""
+    from edgetok.reduce.vlm_output import zero_tprune_counts
+
+    assert zero_tprune_counts(196, 64, {}) == (68, 64)  # (196-64)//2 = 66 would leave the S-stage too few
+    assert zero_tprune_counts(16, 6, {}) == (5, 5)
+    tower = edgetok.apply(tiny_vit(), "vlm_output", budget=3, scorer="zero_tprune")
+    with torch.no_grad():
+        tokens, idx = tower(X)
+    assert tokens.shape[1] == 3 and idx.shape == (2, 3)
 
 
 def test_grid_methods_need_the_grid():

@@ -62,11 +62,18 @@ def _hired(feats, ctx, keep, prefix, grid, options):
     return hired_score(_attention_score(ctx, prefix), keep, partition_ids(grid, parts), parts[0] * parts[1])
 
 
-def _zero_tprune(feats, ctx, keep, prefix, grid, options):
-    m = feats.shape[1]
-    r_sim = int(options.get("r_similarity", (m - keep) // 2))
+def zero_tprune_counts(m: int, keep: int, options: dict) -> tuple[int, int]:
+    """(r_importance, r_similarity) that take ``m`` patch tokens to ``keep``. Default: half
+    each, but the S-stage can remove at most half of what the I-stage keeps, i.e. at most
+    ``keep`` tokens."""
+    r_sim = int(options.get("r_similarity", min((m - keep) // 2, keep)))
     r_imp = m - keep - r_sim
     check_counts(m, 0, r_imp, r_sim, "vlm_output: ")
+    return r_imp, r_sim
+
+
+def _zero_tprune(feats, ctx, keep, prefix, grid, options):
+    r_imp, r_sim = zero_tprune_counts(feats.shape[1], keep, options)
     importance = weighted_page_rank(attention_probs(ctx), int(options.get("iterations", 10)))[:, prefix:]
     return zero_tprune_score(importance, feats, r_imp, r_sim)
 
@@ -140,4 +147,6 @@ def build_vlm_output(model: nn.Module, budget: int = 64, scorer: str = "divprune
         raise ScheduleError(f"vlm_output feature_layer={feature_layer} is outside the tower's {info.depth} layers")
     if scorer == "hired":
         check_partitions(options.get("partitions", (2, 2)), info.grid)
+    if scorer == "zero_tprune":
+        zero_tprune_counts(patches, int(budget), options)  # bad counts fail here, not at the first forward
     return VisionTowerReducer(model, budget, scorer, int(feature_layer), options).train(model.training)
