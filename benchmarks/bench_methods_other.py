@@ -5,7 +5,9 @@ edgetok.flops). The other three are not image ViTs, so their FLOPs are counted
 here from the layer shapes (multiply-add = 2, transformer layers plus the
 method's own scorer/gate; embeddings, backbone, decoder and heads left out as
 they do not change) and their speed ratio is timed with edgetok.timing's
-interleaved runner against the unreduced model in the same run. Random
+interleaved runner against the unreduced model in the same run, on the same
+part the FLOPs count (for DETR: the encoder alone, on the backbone features
+of one 800x1216 image). Random
 weights throughout. Writes benchmarks/results/methods_other.json.
 
     .venv/bin/python benchmarks/bench_methods_other.py            # real sizes, quiet machine
@@ -24,6 +26,7 @@ import torch
 
 import edgetok
 from edgetok.benchmark import compare
+from edgetok.patch.hf_detr import detr_encoder
 from edgetok.reduce import flexdit, focus_detr, mrt5
 from edgetok.timing import interleaved, machine_facts, summary
 
@@ -85,16 +88,23 @@ def bench_focus_detr(tiny: bool, repeats: int) -> list[dict]:
                      encoder_layers=layers, decoder_layers=1 if tiny else 6, encoder_ffn_dim=ffn)
     base = DetrModel(cfg).eval()
     x = torch.randn(1, 3, *((64, 96) if tiny else (800, 1216)))
+    # Time the encoder alone (what Focus-DETR changes and what the FLOPs count): its inputs are the
+    # backbone's projected features, position embeddings and mask, captured once from a full forward.
+    enc_in: dict = {}
+    hook = detr_encoder(base).register_forward_pre_hook(lambda m, a, kw: enc_in.update(kw), with_kwargs=True)
     with torch.inference_mode():
-        n = base(pixel_values=x).encoder_last_hidden_state.shape[1]
+        base(pixel_values=x)
+    hook.remove()
+    n = enc_in["inputs_embeds"].shape[1]
     variants = {}
     for rate in (0.3, 0.5):
-        red = focus_detr.apply(base, keep_rate=rate)
+        red = detr_encoder(focus_detr.apply(base, keep_rate=rate))
         keeps = [focus_detr.keep_count(n, rate)] * layers
-        variants[f"focus_detr keep_rate={rate}"] = ((lambda m=red: m(pixel_values=x)),
+        variants[f"focus_detr keep_rate={rate}"] = ((lambda e=red: e(**enc_in)),
                                                     detr_encoder_flops(n, d, ffn, layers, keeps, scorer=True))
     arch = f"HF DetrModel encoder ({n} tokens)"
-    return timed_rows(arch, lambda: base(pixel_values=x), variants, detr_encoder_flops(n, d, ffn, layers),
+    base_enc = detr_encoder(base)
+    return timed_rows(arch, lambda: base_enc(**enc_in), variants, detr_encoder_flops(n, d, ffn, layers),
                       repeats, 1)
 
 

@@ -40,7 +40,7 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             x = torch.randn(batch, 3, 224, 224)
             with torch.inference_mode():
-                thresholds = calibrate(base, x[:8], r=r)
+                thresholds = calibrate(base, x[:8], r=r, clamp=True)
             variants = {
                 f"tome r={r}": edgetok.apply(base, "tome", r=r, clamp=True),
                 "drop keep_rate=0.7": edgetok.apply(base, "drop", keep_rate=0.7),

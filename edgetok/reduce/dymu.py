@@ -137,13 +137,13 @@ class _ThresholdRecorder(Reducer):
 
 
 @torch.no_grad()
-def calibrate(model, images: torch.Tensor, r=8, protect_first=None) -> list[float]:
+def calibrate(model, images: torch.Tensor, r=8, protect_first=None, clamp: bool = False) -> list[float]:
     """Per-layer thresholds that merge ``r`` tokens per layer on average over
     ``images`` (DyMU's batch-statistics threshold finding). Layers with r=0 get
-    threshold 1.0 (never merge)."""
+    threshold 1.0 (never merge). ``clamp`` as in ToMe: r capped at what each layer can merge."""
     from .. import apply  # late: the adapters import this package
 
-    tome = apply(model, "tome", r=r, protect_first=protect_first)
+    tome = apply(model, "tome", r=r, protect_first=protect_first, clamp=clamp)
     recorded: list = []
     from ..patch import adapter_for
 
