@@ -210,29 +210,58 @@ def plot_matrix(rows: list[dict], out_dir) -> list[Path]:
 
     out_dir = Path(out_dir)
     paths = []
-    groups = sorted({(r["model"], r["backend"], r["batch"]) for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    colours = dict(zip(backends, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    styles = dict(zip(batches, ("o-", "s--", "^:", "d-.", "v-")))
+    base = {(r["model"], r["backend"], r["batch"]): r for r in rows if r["variant"] == "baseline"}
+    red = [r for r in rows if r["variant"] != "baseline"]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for g in groups:
-        pts = sorted((r["mean_tokens"], r["p50_ms"]) for r in rows if (r["model"], r["backend"], r["batch"]) == g)
-        ax.plot(*zip(*pts), marker="o", label=f"{g[0]} {g[1]} bs{g[2]}")
-    ax.set_xlabel("mean tokens per block")
-    ax.set_ylabel("latency p50 (ms)")
-    ax.legend(fontsize=6)
+    # one panel per model: latency relative to unreduced against mean kept tokens, per backend and batch
+    cols = min(3, len(models))
+    nrow = -(-len(models) // cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(4 * cols, 3.2 * nrow), squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        for (m, backend, batch), b in sorted(base.items()):
+            if m != model:
+                continue
+            pts = sorted((r["mean_tokens"], r["p50_ms"] / b["p50_ms"]) for r in rows
+                         if (r["model"], r["backend"], r["batch"]) == (m, backend, batch))
+            ax.plot(*zip(*pts), styles[batch], color=colours[backend], ms=4, lw=1, label=f"{backend} bs{batch}")
+        ideal = sorted({(r["mean_tokens"], 1 / r["flops_ratio"]) for r in rows if r["model"] == model})
+        ax.plot(*zip(*ideal), "k.", ms=3, label="FLOPs ideal")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("mean tokens per block", fontsize=8)
+        ax.set_ylabel("latency / unreduced", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
     paths.append(_save(fig, out_dir / "latency_vs_tokens.png"))
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    red = [r for r in rows if r["variant"] != "baseline"]
-    for g in groups:
-        pts = [(r["flops_ratio"], r["speed_ratio"]) for r in red if (r["model"], r["backend"], r["batch"]) == g]
-        if pts:
-            ax.scatter(*zip(*pts), label=f"{g[0]} {g[1]} bs{g[2]}", s=18)
+    # one panel per backend: measured speed-up against the FLOPs ideal, colour = batch, marker = model
+    markers = dict(zip(models, "osD^vP*X"))
+    batch_colours = dict(zip(batches, ("tab:purple", "tab:green", "tab:brown", "tab:cyan", "tab:pink")))
+    fig, axes = plt.subplots(1, len(backends), figsize=(4.5 * len(backends), 4.2), squeeze=False)
     top = max([r["flops_ratio"] for r in red] + [r["speed_ratio"] for r in red] + [1.0]) * 1.05
-    ax.plot([0, top], [0, top], "k--", lw=0.8, label="ideal (speed = FLOPs ratio)")
-    ax.axhline(1.0, color="r", lw=0.6)
-    ax.set_xlabel("FLOPs ratio (ideal speed-up)")
-    ax.set_ylabel("measured speed-up")
-    ax.legend(fontsize=6)
+    for ax, backend in zip(axes.flat, backends):
+        for r in (r for r in red if r["backend"] == backend):
+            ax.scatter(r["flops_ratio"], r["speed_ratio"], marker=markers[r["model"]], color=batch_colours[r["batch"]],
+                       s=22, alpha=0.85)
+        ax.plot([0.9, top], [0.9, top], "k--", lw=0.8)
+        ax.axhline(1.0, color="r", lw=0.6)
+        ax.set_xlim(0.9, top)
+        ax.set_ylim(0.5, top)
+        ax.set_title(backend, fontsize=9)
+        ax.set_xlabel("FLOPs ratio (ideal speed-up)", fontsize=8)
+        ax.set_ylabel("measured speed-up", fontsize=8)
+    handles = [plt.Line2D([], [], marker=markers[m], ls="", color="grey", label=m) for m in models]
+    handles += [plt.Line2D([], [], marker="o", ls="", color=batch_colours[b], label=f"batch {b}") for b in batches]
+    handles += [plt.Line2D([], [], ls="--", color="k", label="ideal"), plt.Line2D([], [], color="r", label="unreduced")]
+    axes.flat[0].legend(handles=handles, fontsize=6, loc="upper left")
+    fig.tight_layout()
     paths.append(_save(fig, out_dir / "speedup_vs_flops.png"))
 
     fid = [r for r in red if "fidelity" in r]
