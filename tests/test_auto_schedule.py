@@ -96,3 +96,32 @@ def test_calibration_falls_back_to_random_images_without_photo_packages(monkeypa
 
     images = A._calibration_images(adapter_for(model).info(model))
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_repair_lets_the_greedy_go_on_past_a_capped_layer():
+    """Fidelity favours the last layer; once it holds most merges, a merge earlier leaves it
+    fewer tokens than its r. Without a repair the search stops short of the goal; with
+    ToMe's cap (edgetok.reduce.auto._capper) it trades on and meets it."""
+    from edgetok.patch import adapter_for
+    from edgetok.reduce.tome import max_merges
+
+    def tome_valid(r):
+        n = TOKENS
+        for ri in r:
+            if ri > max_merges(n, 1):
+                return False
+            n -= ri
+        return True
+
+    def late_is_cheap(r):
+        return 1.0 - sum(ri * 10 ** (DEPTH - 1 - i) for i, ri in enumerate(r)) * 1e-5
+
+    t = table(step_ms=0.0, fixed_ms=0.0)
+    stuck = A.search(t, DEPTH, TOKENS, late_is_cheap, tome_valid, min_speedup=1.5, step=1)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=DEPTH)
+    cap = A._capper("tome", adapter_for(model).info(model))
+    assert cap([0, 0, 8, 8]) == [0, 0, 8, 4]  # 17 -> 9 tokens at layer 3: at most 4 merge there
+    freed = A.search(t, DEPTH, TOKENS, late_is_cheap, tome_valid, min_speedup=1.5, step=1, repair=cap)
+    assert not stuck.goal_met and freed.goal_met and tome_valid(freed.r)
+    assert freed.predicted_speedup > stuck.predicted_speedup
+    assert A._capper("drop", adapter_for(model).info(model)) is None  # no clamp: no repair

@@ -312,6 +312,50 @@ def test_exported_step_matches_torch_on_ort(exported):
     assert any(seen_cap[1:4]) is False and seen_cap[-1]
 
 
+def test_refresh_path_equals_the_general_step_with_every_stream_refreshed():
+    from edgetok.stream import stream_normalization
+
+    m = tiny_vit(depth=2)
+    enc = StreamingEncoder(m, threshold=0.02, **stream_normalization(m))
+    core, frames = enc.core, torch.cat(clip(2, seed=7))
+    with torch.no_grad():
+        x = core.embed(frames)
+        state = core.initial_state(frames)
+        change = core.change(frames, x, state.ref)
+        general, gst = core(frames, x, change, torch.ones(2, dtype=torch.bool), state, core.info.tokens)
+        fast, fst = core.refresh(frames, x, change)
+    for a, b in zip((general.tokens, general.changed_tokens, gst.ref, gst.k, gst.v, gst.tokens),
+                    (fast.tokens, fast.changed_tokens, fst.ref, fst.k, fst.v, fst.tokens)):
+        assert max_err(a, b) < 1e-5
+    assert torch.equal(general.idx, fast.idx) and torch.equal(general.valid, fast.valid)
+    assert torch.equal(general.changed, fast.changed)
+
+
+def test_exported_batch_of_streams_refreshes_one_stream_like_torch(tmp_path):
+    """Two streams, one over the share bound: ORT runs the mixed graph, torch the general step."""
+    from edgetok.stream.export import OrtStreamingEncoder, export_stream
+
+    m = tiny_vit(depth=2)
+    enc = StreamingEncoder(m, threshold=0.02, max_changed_share=0.5, budget=4)
+    ex = export_stream(enc, tmp_path / "b2", batch=2)
+    assert set(ex.manifest["graphs"]) == {"change", "delta", "full", "mixed"}
+    ort_enc = OrtStreamingEncoder(ex.root, threads=1)
+    a, b = clip(1, seed=8)[0], clip(1, seed=9)[0]
+    moved = b.clone()
+    for r in range(3):
+        for c in range(4):
+            moved = with_patch(moved, r, c)  # 12 of 16 patches: over the bound
+    seq = [torch.cat([a, b]), torch.cat([with_patch(a, 0, 0), moved]), torch.cat([a, moved])]
+    refreshed = []
+    for f in seq:
+        t, o = enc(f), ort_enc.step(f.numpy())
+        assert ort_enc.refreshed.tolist() == enc.refreshed.tolist()
+        assert o.idx.tolist() == t.idx.tolist() and o.valid.tolist() == t.valid.tolist()
+        assert max_err(o.tokens, t.tokens) < 1e-4
+        refreshed.append(enc.refreshed.tolist())
+    assert refreshed == [[True, True], [False, True], [False, False]]  # full, mixed, delta
+
+
 def test_stream_session_uses_exported_step(exported):
     import edgetok.runtime as rt
     from edgetok.stream.export import EncoderSession, OrtStreamingEncoder

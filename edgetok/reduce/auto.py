@@ -311,9 +311,12 @@ class AutoSchedule:
 
 def search(table: CostTable, depth: int, tokens: int, fidelity_fn: Callable[[list[int]], float],
            valid: Callable[[list[int]], bool], budget_ms: Optional[float] = None,
-           min_speedup: Optional[float] = None, step: Optional[int] = None, margin: float = MARGIN) -> AutoSchedule:
+           min_speedup: Optional[float] = None, step: Optional[int] = None, margin: float = MARGIN,
+           repair: Optional[Callable[[list[int]], Optional[list[int]]]] = None) -> AutoSchedule:
     """Greedy search (see the module docstring). ``fidelity_fn(r) -> float`` (1 = the
-    unreduced model); ``valid(r)`` says whether the method can run schedule r."""
+    unreduced model); ``valid(r)`` says whether the method can run schedule r; ``repair(r)``
+    (optional) turns an invalid r into a runnable one: more merges early leave later
+    layers fewer tokens than their r, and without a repair the greedy stops there."""
     if (budget_ms is None) == (min_speedup is None):
         raise ScheduleError("auto schedule needs exactly one goal: a latency budget (ms) or a minimum speed-up")
     base = table.predict(counts_for([0] * depth, tokens))
@@ -326,7 +329,9 @@ def search(table: CostTable, depth: int, tokens: int, fidelity_fn: Callable[[lis
             cand = list(r)
             cand[i] += step
             if not valid(cand):
-                continue
+                cand = repair(cand) if repair is not None else None
+                if cand is None or cand == r or not valid(cand):
+                    continue
             c_lat = table.predict(counts_for(cand, tokens))
             if c_lat >= lat:
                 continue  # this extra merge costs more than it saves here
@@ -395,7 +400,7 @@ def auto_schedule(model, target=None, backend: Optional[str] = None, batch: Opti
             return False
 
     result = search(table, info.depth, info.tokens, cosine_fidelity(model, method, images), valid,
-                    budget_ms, min_speedup, step)
+                    budget_ms, min_speedup, step, repair=_capper(method, info))
     if verify and result.reduced:
         speed = _measured_speedup(model, apply(model, method, r=result.r), backend, batch, info, repeats)
         result.measured_speedup = speed
@@ -403,6 +408,23 @@ def auto_schedule(model, target=None, backend: Optional[str] = None, batch: Opti
             result.reason += f"; measured {speed:.2f}x on {backend}: slower than unreduced, keeping r=0"
             result.r, result.reduced, result.predicted_ms, result.fidelity = [0] * info.depth, False, result.baseline_ms, 1.0
     return result
+
+
+def _capper(method: str, info) -> Optional[Callable[[list[int]], Optional[list[int]]]]:
+    """For methods with ``clamp`` (ToMe): r with each layer capped at what can merge there."""
+    import inspect
+
+    build = get_method(method).build
+    if "clamp" not in inspect.signature(build).parameters:
+        return None
+
+    def cap(r):
+        try:
+            return list(build(info.depth, info.tokens, info.num_prefix, r=list(r), clamp=True).params["r"])
+        except ScheduleError:
+            return None
+
+    return cap
 
 
 def _calibration_images(info, n: int = 4):

@@ -5,10 +5,14 @@ token_cache, refresh[B]); outputs (tokens, changed_tokens, idx, valid,
 changed, and the updated ref / k_cache / v_cache; ``tokens`` is the next
 token_cache). The top-changed tokens are picked by ``edgetok::token_drop``
 (one ``edgetok`` TokenDrop node whose standard-op body ORT runs as is).
-Two graphs are written from the same step: ``delta`` (budget + prefix slots)
-and ``full`` (every token, used for the first frame, periodic refreshes and
-streams over the changed-share bound). The runner applies the same policy as
-the torch StreamingEncoder with a budget, so both give the same tokens.
+Graphs written from the same core: ``change`` (frame, ref -> changed patch
+tokens per stream, so the runner knows which graph a frame needs before
+running one), ``delta`` (budget + prefix slots), ``full`` (every stream
+refreshed: the plain blocks keeping K/V, as cheap as full encoding; the first
+frame, periodic refreshes, frames over the changed-share bound) and, for
+batches of several streams, ``mixed`` (some streams refreshed: every token
+through the step). The runner applies the same policy as the torch
+StreamingEncoder with a budget, so both give the same tokens.
 """
 from __future__ import annotations
 
@@ -42,6 +46,31 @@ class StreamStep(nn.Module):
         change = self.core.change(frame, x, ref)
         out, st = self.core(frame, x, change, refresh, StreamState(ref, k_cache, v_cache, token_cache), self.keep)
         return out.tokens, out.changed_tokens, out.idx, out.valid, out.changed, st.ref, st.k, st.v
+
+
+class StreamRefresh(nn.Module):
+    """Every stream refreshed: (frame, ref) -> the step's outputs, through the plain blocks."""
+
+    def __init__(self, encoder: StreamingEncoder):
+        super().__init__()
+        self.core = encoder.core
+
+    def forward(self, frame, ref):
+        x = self.core.embed(frame)
+        out, st = self.core.refresh(frame, x, self.core.change(frame, x, ref))
+        return out.tokens, out.changed_tokens, out.idx, out.valid, out.changed, st.ref, st.k, st.v
+
+
+class StreamChange(nn.Module):
+    """(frame, ref) -> changed patch tokens per stream [B] (what decides the graph)."""
+
+    def __init__(self, encoder: StreamingEncoder):
+        super().__init__()
+        self.core = encoder.core
+
+    def forward(self, frame, ref):
+        x = self.core.embed(frame) if self.core.mode == "feature" else None
+        return (self.core.change(frame, x, ref) >= self.core.threshold).sum(1)
 
 
 class FullEncoder(nn.Module):
@@ -89,7 +118,8 @@ class StreamExport:
 
 
 def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int = 18) -> StreamExport:
-    """Write stream_delta.onnx, stream_full.onnx and stream.json (the policy) to ``out_dir``."""
+    """Write stream_{change,delta,full}.onnx (and stream_mixed.onnx for batch > 1) and
+    stream.json (the policy) to ``out_dir``."""
     core = encoder.core
     info = core.info
     budget = encoder.budget or default_budget(core.num_patches, encoder.max_changed_share)
@@ -98,11 +128,15 @@ def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int
     frame = torch.zeros(batch, *info.input_shape)
     st = core.initial_state(frame)
     args = (frame, st.ref, st.k, st.v, st.tokens, torch.zeros(batch, dtype=torch.bool))
-    graphs = {"delta": "stream_delta.onnx", "full": "stream_full.onnx"}
-    for name, keep in (("delta", budget + info.num_prefix), ("full", info.tokens)):
-        _onnx_export(StreamStep(encoder, keep).eval(), args, out / graphs[name], opset)
+    graphs = {name: f"stream_{name}.onnx" for name in ("change", "delta", "full") + (("mixed",) if batch > 1 else ())}
+    _onnx_export(StreamChange(encoder).eval(), (frame, st.ref), out / graphs["change"], opset, ["frame", "ref"],
+                 ["changed"])
+    _onnx_export(StreamStep(encoder, budget + info.num_prefix).eval(), args, out / graphs["delta"], opset)
+    _onnx_export(StreamRefresh(encoder).eval(), (frame, st.ref), out / graphs["full"], opset, ["frame", "ref"])
+    if batch > 1:
+        _onnx_export(StreamStep(encoder, info.tokens).eval(), args, out / graphs["mixed"], opset)
     manifest = {
-        "kind": "edgetok-stream", "graphs": graphs, "batch": batch, "budget": budget,
+        "kind": "edgetok-stream", "format": 2, "graphs": graphs, "batch": batch, "budget": budget,
         "threshold": core.threshold, "mode": core.mode, "compare": core.compare,
         "refresh_every": encoder.refresh_every, "max_changed_share": encoder.max_changed_share,
         "normalize": {"mean": core.normalize.mean.flatten().tolist(), "std": core.normalize.std.flatten().tolist()}
@@ -152,8 +186,11 @@ class OrtStreamingEncoder:
         opts = ort_session_options(threads, interleaved)
         prov = providers or ["CPUExecutionProvider"]
         g = self.manifest["graphs"]
-        self.delta = ort.InferenceSession(str(root / g["delta"]), opts, providers=prov)
-        self.full = ort.InferenceSession(str(root / g["full"]), opts, providers=prov)
+        missing = [n for n in ("change", "delta", "full") if n not in g]
+        if missing:
+            raise EdgetokError(f"{root} is a stream export of an older edgetok (no {', '.join(missing)} graph); "
+                               "re-export it with edgetok.stream.export.export_stream")
+        self.sessions = {n: ort.InferenceSession(str(root / f), opts, providers=prov) for n, f in g.items()}
         self.reset()
 
     def reset(self) -> None:
@@ -161,9 +198,10 @@ class OrtStreamingEncoder:
         self.frame_index = 0
         self.refreshed: Optional[np.ndarray] = None
 
-    def _run(self, sess, frame, refresh) -> dict:
+    def _run(self, graph: str, frame, refresh) -> dict:
+        sess = self.sessions[graph]
         feeds = {"frame": frame, "refresh": refresh, **self.state}
-        return dict(zip(OUTPUTS, sess.run(OUTPUTS, feeds)))
+        return dict(zip(OUTPUTS, sess.run(OUTPUTS, {i.name: feeds[i.name] for i in sess.get_inputs()})))
 
     def step(self, frame) -> StepOutput:
         m = self.manifest
@@ -172,18 +210,16 @@ class OrtStreamingEncoder:
             raise EdgetokError(f"frame shape {list(frame.shape)} != exported {m['input_shape']}; resize or re-export")
         b = frame.shape[0]
         k = m["refresh_every"]
-        if self.state is None or (k > 0 and self.frame_index % k == 0):
-            if self.state is None:
-                self.state = {n: np.zeros(s, np.float32) for n, s in m["state_shapes"].items()}
+        if self.state is None:
+            self.state = {n: np.zeros(s, np.float32) for n, s in m["state_shapes"].items()}
             refresh = np.ones(b, bool)
-            out = self._run(self.full, frame, refresh)
-        else:
-            refresh = np.zeros(b, bool)
-            out = self._run(self.delta, frame, refresh)
-            over = out["changed"] > m["max_changed_share"] * m["num_patches"]
-            if over.any():  # the share bound refreshes those streams: rerun in full from the same state
-                refresh = over
-                out = self._run(self.full, frame, refresh)
+        elif k > 0 and self.frame_index % k == 0:
+            refresh = np.ones(b, bool)
+        else:  # the share bound refreshes the streams over it
+            changed = self.sessions["change"].run(None, {"frame": frame, "ref": self.state["ref"]})[0]
+            refresh = changed > m["max_changed_share"] * m["num_patches"]
+        graph = "full" if refresh.all() else "mixed" if refresh.any() else "delta"
+        out = self._run(graph, frame, refresh)
         self.state = {n: out[o] for n, o in STATE.items()}
         self.refreshed = refresh
         self.frame_index += 1
