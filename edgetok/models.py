@@ -58,7 +58,8 @@ def _hf(spec: str, args: dict) -> nn.Module:
     overrides: dict = {}
     if cfg_text:
         try:
-            overrides = json.loads(Path(cfg_text).read_text() if Path(cfg_text).is_file() else cfg_text)
+            # inline JSON first: a long JSON string is not a valid file name (ENAMETOOLONG)
+            overrides = json.loads(cfg_text if cfg_text.lstrip().startswith("{") else Path(cfg_text).read_text())
         except (json.JSONDecodeError, OSError) as e:
             raise ModelError(f"cannot read the config of {spec!r} as JSON or a JSON file: {e}") from None
     config = cls.config_class(**{**overrides, **args})

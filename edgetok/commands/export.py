@@ -68,6 +68,9 @@ def _dtd_threshold(value) -> float:
 @click.option("--opset", type=click.IntRange(17, 23), help="ONNX opset (default: the config's, else 18).")
 @click.option("--batch", type=click.IntRange(min=1),
               help="Fix the batch size (default: dynamic batch axis named 'batch').")
+@click.option("--input-size", metavar="H,W|L",
+              help="Example size the graph is traced at, for models that have none of their own: DETR images "
+                   "(H,W; default 512,512), T5 sequences (L; default 256). Image ViTs take theirs from the model.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max abs difference allowed between ONNX Runtime CPU and torch.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime parity check.")
@@ -75,7 +78,8 @@ def _dtd_threshold(value) -> float:
               help="Directory for model.onnx and manifest.json (written atomically; a previous export there "
                    "is replaced).")
 def export(model_name, module, model_args, weights, method, r, keep_rate, layers, fuse_dropped, threshold, schedule,
-           min_speedup, budget_ms, cost_cache, params, config, target, opset, batch, tolerance, no_parity, output):
+           min_speedup, budget_ms, cost_cache, params, config, target, opset, batch, input_size, tolerance, no_parity,
+           output):
     """Export a (token-reduced) vision transformer to ONNX with one edgetok node per reduction step.
 
     \b
@@ -84,6 +88,7 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
     edgetok export --model hf:ViTForImageClassification --method dymu --threshold 0.9 -o out/hf
     edgetok export --model vit_small_patch16_224 --schedule auto --target cpu-ort --min-speedup 1.3 -o out/auto
     edgetok export --model vit_small_patch16_224 --method dtd --threshold 0.1 -o out/dtd-step
+    edgetok export --model hf:T5EncoderModel --method mrt5 --param max_keep=128 --input-size 256 -o out/mrt5
     """
     from rich.console import Console
 
@@ -137,8 +142,30 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
         name = model_name or f"module:{module}"
         try:
             adapter_for(model)
-        except UnsupportedModelError as e:  # its message lists the families one per line: keep one line
-            raise UnsupportedModelError("; ".join(l.strip() for l in str(e).splitlines())) from None
+        except UnsupportedModelError as e:
+            from ..export.families import FAMILIES, family_for
+
+            family = family_for(model)
+            if family is None:  # the message lists the families one per line: keep one line
+                raise UnsupportedModelError("; ".join(l.strip() for l in str(e).splitlines() if l.strip())
+                                            + "; and for export only: "
+                                            + "; ".join(f.describes for f in FAMILIES)) from None
+            if schedule == "auto" or method == "dtd":
+                raise click.UsageError(f"--{'schedule auto' if schedule else 'method dtd'} needs an image ViT; "
+                                       f"{name} is a {family.describes}")
+            from ..export.exporter import export_family
+
+            step(f"applying {method}")
+            reduced = model if method == "none" else apply(model, method, **method_params)
+            size = [int(v) for v in input_size.split(",")] if input_size else None
+            result = export_family(reduced, output, family, input_size=size, target=target, opset=opset, batch=batch,
+                                   tolerance=tolerance, model_name=name, config=cfg, check_parity=not no_parity,
+                                   progress=step)
+            console.log(f"[green]ok[/] {status.status}")
+            return _report(console, result)
+        if input_size:
+            raise click.UsageError("--input-size is for models without an image size of their own (DETR, T5); "
+                                   "build an image ViT for another size with --model-arg img_size=...")
         shape = adapter_for(model).info(model).input_shape
         common = dict(target=target, opset=opset, batch=batch, tolerance=tolerance, model_name=name,
                       preprocessing=preprocessing(model, name, shape[-2:]), config=cfg, check_parity=not no_parity,
@@ -161,11 +188,18 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
             reduced = model if method == "none" else apply(model, method, **method_params)
             result = export_model(reduced, output, schedule=auto, **common)
         console.log(f"[green]ok[/] {status.status}")
+    return _report(console, result)
+
+
+def _report(console, result) -> int:
     m = result.manifest
     flops = m["flops"]
     console.print(f"[bold]{result.onnx_path}[/] target={m['target']} opset={m['opset']} "
                   f"edgetok nodes={len(m['edgetok_ops'])} bodies={m['function_bodies'] or 'none'}")
-    console.print(f"tokens per layer: {m['tokens']}" + (" (upper bounds)" if m["adaptive"] else ""))
+    if m["tokens"]:
+        console.print(f"tokens per layer: {m['tokens']}" + (" (upper bounds)" if m["adaptive"] else ""))
+    else:
+        console.print("inputs: " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]))
     if flops:
         console.print(f"GFLOPs {flops['total'] / 1e9:.3f} vs {flops['baseline'] / 1e9:.3f} unreduced "
                       f"(ideal speed-up {flops['ratio']:.2f}x)")

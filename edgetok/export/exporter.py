@@ -132,6 +132,8 @@ def trace(module: nn.Module, args: tuple, input_names: Sequence[str], opset: int
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             # inputs sharing the batch Dim: the exporter says so, and names the axis "batch" all the same
             warnings.filterwarnings("ignore", message="# The axis name")
+            # constant folding evaluates masks with onnx's reference ops (log 0 = -inf is intended)
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"onnx\.reference")
             program = torch.onnx.export(
                 module,
                 args,
@@ -286,6 +288,7 @@ def graph_fields(proto, onnx_path: Path) -> dict:
         "edgetok_ops": nodes,
         "function_bodies": sorted(f.name for f in proto.functions if f.domain == DOMAIN),
         "input": _value_spec(proto.graph.input[0]),
+        "inputs": [_value_spec(i) for i in proto.graph.input],
         "outputs": [_value_spec(o) for o in proto.graph.output],
         "sha256": _manifest.sha256(onnx_path),
     }
@@ -417,3 +420,111 @@ def export_model(
 
 def batch_profile(config) -> Optional[dict]:
     return None if config is None else {"min": config.batch.min, "opt": config.batch.opt, "max": config.batch.max}
+
+
+# -- models that are not image ViTs (edgetok/export/families.py) ------------------------------
+class _FamilyModel(nn.Module):
+    """Positional named inputs -> the family's outputs as a tuple (what torch.export traces)."""
+
+    def __init__(self, model: nn.Module, family, names: Sequence[str]):
+        super().__init__()
+        self.model, self.family, self.names = model, family, list(names)
+
+    def forward(self, *inputs):
+        return tuple(self.family.run(self.model, dict(zip(self.names, inputs))).values())
+
+
+def family_parity(path: Path, wrapped: _FamilyModel, family, size, batches: Sequence[int],
+                  tolerance: float = TOLERANCE, seed: int = 0) -> dict:
+    """As ``parity``, for a family's named inputs."""
+    import onnxruntime as ort
+
+    from ..timing import ort_session_options
+
+    opts = ort_session_options()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    errors = {}
+    for b in batches:
+        feeds = family.inputs(wrapped.model, b, size, gen)
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapped(*feeds.values())]
+        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        if [r.shape for r in ref] != [g.shape for g in got]:
+            raise ExportError(f"ONNX Runtime output shapes {[g.shape for g in got]} differ from torch's "
+                              f"{[r.shape for r in ref]} at batch {b}")
+        err = max(float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0 for r, g in zip(ref, got))
+        errors[str(b)] = err
+        if not err <= tolerance:
+            raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} at batch {b} (tolerance {tolerance:g})")
+    return {"batches": list(batches), "max_abs_err": errors, "tolerance": tolerance}
+
+
+def export_family(
+    model: nn.Module,
+    output_dir,
+    family=None,
+    *,
+    input_size: Optional[Sequence[int]] = None,
+    target: Optional[str] = None,
+    opset: Optional[int] = None,
+    batch: Optional[int] = None,
+    parity_batches: Optional[Sequence[int]] = None,
+    tolerance: float = TOLERANCE,
+    model_name: Optional[str] = None,
+    config=None,
+    check_parity: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+    **_,
+) -> ExportResult:
+    """``export_model`` for a family edgetok/export/families.py describes (DETR, T5
+    encoder, DiT; reduced by Focus-DETR / MrT5 / FlexDiT or plain): the family's named
+    inputs, traced at ``input_size`` (default the family's), dynamic batch unless
+    ``batch``; no token/FLOPs accounting (these families have no edgetok adapter)."""
+    from .families import family_for, size_for
+
+    step = progress or (lambda _msg: None)
+    family = family or family_for(model)
+    if family is None:
+        raise ExportError(f"edgetok has no export description for {type(model).__name__}")
+    size = size_for(family, input_size)
+    target, opset = resolve_target(target, opset, config)
+    output_dir = Path(output_dir)
+    with staged(output_dir) as tmp:
+        model = family.prepare(model.eval()).eval()
+        plan = getattr(model, "edgetok_plan", None)
+        example = family.inputs(model, batch or 2, size, torch.Generator().manual_seed(0))
+        names = list(example)
+        wrapped = _FamilyModel(model, family, names).eval()
+        dynamic = None if batch is not None else {"inputs": tuple({0: batch_dim()} for _ in names)}
+        step(f"tracing with torch.export (opset {opset})")
+        with _export_mode(model):
+            outputs = [o if o not in names else f"{o}_out" for o in family.outputs(model, example)]  # SSA names
+            proto = trace(wrapped, tuple(example.values()), names, opset, outputs, dynamic)
+        batches = list(parity_batches or ([batch] if batch else [1, 2]))
+        check_fn = (lambda path: family_parity(path, wrapped, family, size, batches, tolerance)) if check_parity else None
+        proto, onnx_path, parity_result = write_checked(proto, tmp, target, check_fn, step,
+                                                        f"ONNX Runtime CPU parity, batch {batches}")
+        manifest = {
+            "manifest_version": _manifest.MANIFEST_VERSION,
+            "model": model_name or type(model).__name__.removeprefix("Reduced"),
+            "family": family.family,
+            "method": plan.method if plan is not None else "none",
+            "params": plan.params if plan is not None else {},
+            "adaptive": False,
+            "opset": opset,
+            "target": target,
+            "tokens": None,
+            "flops": None,
+            "preprocessing": None,
+            "schedule": {"source": "given"} if plan is not None else None,
+            "stream": None,
+            "batch_profile": batch_profile(config),
+            "config": None if config is None else config.name,
+            "parity": parity_result,
+            "versions": _manifest.versions(),
+        } | graph_fields(proto, onnx_path)
+        (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
+        step(f"writing {output_dir}")
+    return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)

@@ -7,7 +7,8 @@ changes when one does). Fields:
 - ``manifest_version`` int, this schema's version.
 - ``model`` str, the name the model was created from (timm/HF/torchvision name,
   ``module:pkg.mod:factory``, or the class name for a Python object).
-- ``family`` str, the edgetok adapter family (``timm-vit``, ...), or null.
+- ``family`` str, the edgetok adapter family (``timm-vit``, ...) or export
+  family (``hf-detr``, ``hf-t5-encoder``, ``dit``), or null.
 - ``method`` str, the reduction method (``tome``, ``drop``, ...; ``none`` when unreduced).
 - ``params`` dict, the method's resolved parameters; per-layer values
   (r, threshold) are lists with one entry per block, i.e. the schedule.
@@ -22,6 +23,9 @@ changes when one does). Fields:
 - ``input`` {``name``, ``shape``, ``dtype``}: shape is a list whose dynamic
   batch axis is the string ``"batch"`` (an int when exported with a fixed
   batch); dtype a numpy dtype name (``float32``).
+- ``inputs`` list of every graph input, same conventions (``input`` is the
+  first; models of edgetok/export/families.py, e.g. a T5 encoder's
+  input_ids + attention_mask, have several).
 - ``outputs`` list of {``name``, ``shape``, ``dtype``}, same conventions
   (other dynamic axes are named strings).
 - ``tokens`` list of int: tokens entering each block, then after the last.
@@ -66,7 +70,7 @@ MANIFEST_VERSION = 1
 
 FIELDS = (
     "manifest_version", "model", "family", "method", "params", "adaptive", "opset", "edgetok_opset", "target",
-    "edgetok_ops", "function_bodies", "input", "outputs", "tokens", "flops", "preprocessing", "schedule", "stream",
+    "edgetok_ops", "function_bodies", "input", "inputs", "outputs", "tokens", "flops", "preprocessing", "schedule", "stream",
     "batch_profile",
     "config", "parity", "sha256", "versions",
 )
