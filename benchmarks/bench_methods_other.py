@@ -1,4 +1,4 @@
-"""Tail drop, Focus-DETR, MrT5 and FlexDiT: FLOPs ratio and torch CPU speed ratio.
+"""Tail drop, Focus-DETR (DETR, Deformable-DETR), MrT5 and FlexDiT: FLOPs ratio and torch CPU speed ratio.
 
 Tail drop runs on a timm ViT through edgetok.benchmark.compare (FLOPs from
 edgetok.flops). The other three are not image ViTs, so their FLOPs are counted
@@ -6,8 +6,8 @@ here from the layer shapes (multiply-add = 2, transformer layers plus the
 method's own scorer/gate; embeddings, backbone, decoder and heads left out as
 they do not change) and their speed ratio is timed with edgetok.timing's
 interleaved runner against the unreduced model in the same run, on the same
-part the FLOPs count (for DETR: the encoder alone, on the backbone features
-of one 800x1216 image). Random
+part the FLOPs count (for DETR and Deformable-DETR: the encoder alone, on the
+backbone features of one 800x1216 image). Random
 weights throughout. Writes benchmarks/results/methods_other.json.
 
     .venv/bin/python benchmarks/bench_methods_other.py            # real sizes, quiet machine
@@ -52,6 +52,19 @@ def detr_encoder_flops(n: int, d: int, ffn: int, layers: int, keeps=None, scorer
     for i in range(layers):
         k = n if keeps is None else keeps[i]
         total += 2 * (2 * k * d * d + 2 * n * d * d) + 2 * 2 * k * n * d + 2 * 2 * k * d * ffn
+    return total
+
+
+def deformable_encoder_flops(n: int, d: int, ffn: int, layers: int, heads: int, levels: int, points: int,
+                             keeps=None, scorer: bool = False) -> float:
+    """Deformable-DETR encoder: value projection of all ``n`` tokens; per query the sampling
+    offsets, attention weights, bilinear sampling (4 taps) + weighted sum, output projection, FFN."""
+    total = 2 * n * (d * d + d) if scorer else 0
+    samples = heads * levels * points
+    for i in range(layers):
+        k = n if keeps is None else keeps[i]
+        total += 2 * n * d * d + 2 * k * d * (3 * samples) + k * samples * (d // heads) * 10 \
+            + 2 * k * d * d + 2 * 2 * k * d * ffn
     return total
 
 
@@ -108,6 +121,42 @@ def bench_focus_detr(tiny: bool, repeats: int) -> list[dict]:
                       repeats, 1)
 
 
+def bench_focus_deformable_detr(tiny: bool, repeats: int) -> list[dict]:
+    from transformers import DeformableDetrConfig, DeformableDetrModel, ResNetConfig
+
+    from edgetok.patch.hf_deformable_detr import deformable_detr_encoder
+
+    if tiny:
+        d, layers, ffn, levels, heads, points = 32, 2, 64, 3, 2, 2
+        bb = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16], depths=[1, 1, 1], layer_type="basic",
+                          out_features=["stage1", "stage2", "stage3"])
+    else:  # Deformable-DETR R50 4-scale shape (the paper's setting)
+        d, layers, ffn, levels, heads, points = 256, 6, 1024, 4, 8, 4
+        bb = ResNetConfig(out_features=["stage2", "stage3", "stage4"])
+    cfg = DeformableDetrConfig(backbone_config=bb, use_timm_backbone=False, use_pretrained_backbone=False,
+                               d_model=d, encoder_layers=layers, decoder_layers=1, encoder_ffn_dim=ffn,
+                               num_feature_levels=levels, encoder_attention_heads=heads, encoder_n_points=points)
+    base = DeformableDetrModel(cfg).eval()
+    x = torch.randn(1, 3, *((64, 96) if tiny else (800, 1216)))
+    enc_in: dict = {}
+    hook = deformable_detr_encoder(base).register_forward_pre_hook(lambda m, a, kw: enc_in.update(kw),
+                                                                   with_kwargs=True)
+    with torch.inference_mode():
+        base(pixel_values=x)
+    hook.remove()
+    n = enc_in["inputs_embeds"].shape[1]
+    shape = (n, d, ffn, layers, heads, levels, points)
+    variants = {}
+    for rates in ((0.3,), (0.5, 0.4, 0.3, 0.3, 0.2, 0.1)[:layers]):
+        red = deformable_detr_encoder(focus_detr.apply(base, keep_rate=list(rates) * (layers // len(rates))))
+        keeps = [focus_detr.keep_count(n, r) for r in red.edgetok_plan.params["keep_rate"]]
+        name = "focus_detr keep_rate=" + ",".join(str(r) for r in rates)
+        variants[name] = ((lambda e=red: e(**enc_in)), deformable_encoder_flops(*shape, keeps, scorer=True))
+    base_enc = deformable_detr_encoder(base)
+    return timed_rows(f"HF DeformableDetrModel encoder ({n} tokens, {levels} levels)", lambda: base_enc(**enc_in),
+                      variants, deformable_encoder_flops(*shape), repeats, 1)
+
+
 def bench_mrt5(tiny: bool, repeats: int) -> list[dict]:
     from transformers import T5Config, T5EncoderModel
 
@@ -162,7 +211,7 @@ def main() -> None:
     torch.manual_seed(0)
     repeats = 3 if args.tiny else args.repeats
     rows = []
-    for bench in (bench_tail_drop, bench_focus_detr, bench_mrt5, bench_flexdit):
+    for bench in (bench_tail_drop, bench_focus_detr, bench_focus_deformable_detr, bench_mrt5, bench_flexdit):
         for row in bench(args.tiny, repeats):
             print(f"{row['arch'][:40]:40s} {row['model'][:40]:40s} flops {row['flops_ratio']:.2f}x "
                   f"speed {row['speed_ratio']:.2f}x  p50 {row['p50_ms']:.2f} ms", flush=True)

@@ -62,6 +62,48 @@ def focus_detr_encoder(enc, scorer_mlp, x, pos, mask, keeps):
     return torch.stack(outs)
 
 
+def multiscale_foreground_score(mlp, alpha, x, shapes, mask):
+    """Focus-DETR top-down score of one sample: levels scored coarsest first, each finer
+    level's features scaled by (1 + alpha * upsampled score above); sigmoid; padding -1."""
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    logits = [None] * len(shapes)
+    for lvl in range(len(shapes) - 1, -1, -1):
+        h, w = shapes[lvl]
+        feats = x[starts[lvl]:starts[lvl + 1]]
+        if lvl + 1 < len(shapes):
+            hh, ww = shapes[lvl + 1]
+            grid = logits[lvl + 1].view(1, 1, hh, ww)
+            up = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True).reshape(-1)
+            feats = torch.stack([f * (1 + alpha[lvl] * u) for f, u in zip(feats, up)])
+        logits[lvl] = mlp(feats)[:, 0]
+    s = torch.sigmoid(torch.cat(logits)).tolist()
+    return [si if bool(m) else -1.0 for si, m in zip(s, mask)]
+
+
+def focus_deformable_detr_encoder(enc, scorer, kwargs, keeps):
+    """Deformable-DETR encoder where layer l updates only its top-``keeps[l]`` tokens: each
+    layer runs in full on all tokens (a query's output does not depend on the other
+    queries), and only the selected rows of its output are kept."""
+    x, mask = kwargs["inputs_embeds"], kwargs["attention_mask"]
+    shapes = [tuple(int(v) for v in s) for s in kwargs["spatial_shapes_list"]]
+    ref = enc.get_reference_points(tuple(shapes), kwargs["valid_ratios"], device=x.device)
+    layer_kw = {k: kwargs[k] for k in ("spatial_shapes", "spatial_shapes_list", "level_start_index")}
+    chosen = []
+    for b in range(x.shape[0]):
+        s = multiscale_foreground_score(scorer.mlp, scorer.alpha, x[b], shapes, mask[b])
+        order = sorted(range(len(s)), key=lambda i: (-s[i], i))
+        chosen.append([set(order[:k]) for k in keeps])
+    h = x
+    for li, layer in enumerate(enc.layers):
+        full = layer(h, mask, spatial_position_embeddings=kwargs["spatial_position_embeddings"],
+                     reference_points=ref, **layer_kw)
+        h = torch.stack([torch.stack([full[b, i] if i in chosen[b][li] else h[b, i] for i in range(h.shape[1])])
+                         for b in range(h.shape[0])])
+    return h
+
+
 def mrt5_encoder(model, ids, mask, layer: int, gate_norm, gate_proj, k: float):
     """T5 encoder with MrT5 hard deletion after block ``layer``: per sample, the
     tokens with k*sigmoid(proj(norm(h))) >= k/2 (and not padding) go on, with their

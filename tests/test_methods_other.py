@@ -140,6 +140,74 @@ def test_focus_detr_exports_and_scorer_file(detr, tmp_path):
         focus_detr.apply(detr, keep_rate=0.0)
 
 
+# -- Focus-DETR on Deformable-DETR (multi-scale) -----------------------------------
+@pytest.fixture(scope="module")
+def deformable_detr():
+    from transformers import DeformableDetrConfig, DeformableDetrModel, ResNetConfig
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16], depths=[1, 1, 1], layer_type="basic",
+                            out_features=["stage1", "stage2", "stage3"])
+    cfg = DeformableDetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                               d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5,
+                               num_feature_levels=3, encoder_n_points=2, decoder_n_points=2)
+    return DeformableDetrModel(cfg).eval()
+
+
+def padded_images():
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    pm = torch.ones(2, 64, 96, dtype=torch.long)
+    pm[1, :, 64:] = 0  # second image padded on the right
+    return x, pm
+
+
+def test_focus_deformable_detr_keep_all_equals_model(deformable_detr):
+    x, pm = padded_images()
+    with torch.no_grad():
+        a = deformable_detr(pixel_values=x, pixel_mask=pm)
+        b = focus_detr.apply(deformable_detr, keep_rate=1.0)(pixel_values=x, pixel_mask=pm)
+    assert (a.last_hidden_state - b.last_hidden_state).abs().max() <= TOL
+    assert (a.encoder_last_hidden_state - b.encoder_last_hidden_state).abs().max() <= TOL
+
+
+def test_focus_deformable_detr_matches_naive_with_padding(deformable_detr):
+    x, pm = padded_images()
+    red = focus_detr.apply(deformable_detr, keep_rate=[0.5, 0.25], seed=4)
+    enc = red.encoder
+    assert enc.focus_scorer.levels == 3 and enc.focus_scorer.alpha.abs().min() > 0
+    seen = {}
+    enc.register_forward_hook(lambda m, args, kwargs, out: seen.update(kwargs=kwargs, out=out), with_kwargs=True)
+    with torch.no_grad():
+        full = deformable_detr(pixel_values=x, pixel_mask=pm).encoder_last_hidden_state
+        red(pixel_values=x, pixel_mask=pm)
+        n = seen["kwargs"]["inputs_embeds"].shape[1]
+        ref = naive.focus_deformable_detr_encoder(enc, enc.focus_scorer, seen["kwargs"],
+                                                  [focus_detr.keep_count(n, 0.5), focus_detr.keep_count(n, 0.25)])
+    out = seen["out"].last_hidden_state
+    assert (out - ref).abs().max() <= TOL
+    assert (out - full).abs().max() > 0.1  # the reduction did change the tokens it skipped
+
+
+def test_focus_deformable_detr_exports_and_scorer_levels(deformable_detr, tmp_path):
+    scorer = focus_detr.ForegroundScorer(32, seed=3, levels=3)
+    path = tmp_path / "scorer.pt"
+    torch.save(scorer.state_dict(), path)
+    red = focus_detr.apply(deformable_detr, keep_rate=0.4, scorer_path=str(path))
+    assert torch.equal(red.encoder.focus_scorer.alpha, scorer.alpha)
+    x = torch.randn(1, 3, 64, 96)
+    wrapped = Outputs(red, lambda m, px: m(pixel_values=px).encoder_last_hidden_state).eval()
+    (out,), ops = export_ort(wrapped, (x,))
+    with torch.no_grad():
+        assert np.abs(out - wrapped(x).numpy()).max() <= 1e-4
+    assert ops == ["TokenDrop", "TokenDrop"]
+    with pytest.raises(ScheduleError, match="the model has 3"):
+        focus_detr.apply(deformable_detr, scorer=focus_detr.ForegroundScorer(32))
+    torch.save(focus_detr.ForegroundScorer(32).state_dict(), path)
+    with pytest.raises(ScheduleError, match="does not fit a scorer of width 32 and 3 feature level"):
+        focus_detr.apply(deformable_detr, scorer_path=str(path))
+
+
 # -- MrT5 ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def t5():

@@ -1,5 +1,5 @@
 """Export descriptions of the model families that are not image ViTs: the three
-methods made for them (Focus-DETR, MrT5, FlexDiT) export through the same
+methods made for them (Focus-DETR on DETR and Deformable-DETR, MrT5, FlexDiT) export through the same
 exporter as every other method.
 
 One object per family, as Hugging Face Optimum's exporters do: it declares the
@@ -10,6 +10,7 @@ traces, checks and writes it. Image ViTs do not need one: their adapter
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -64,6 +65,28 @@ def _detr_inputs(model, batch, size, gen):
 DETR = FamilyExport(
     "hf-detr", "Hugging Face DetrModel / DetrForObjectDetection (pixel_values [B,3,H,W])", _is_detr, _detr_inputs,
     (512, 512), lambda m, x: _tensors(m(pixel_values=x["pixel_values"])))
+
+
+def _is_deformable_detr(model) -> bool:
+    from ..patch.hf_deformable_detr import is_deformable_detr
+
+    return is_deformable_detr(model)
+
+
+def _eager_attention(model):
+    """A copy whose decoder self-attention runs transformers' eager attention: torch.onnx's
+    decomposition of the SDPA path can emit a view of a transposed tensor that fails to
+    export (it depends on what the process exported before); the ONNX graph is the same
+    matmul-softmax-matmul either way."""
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("eager")
+    return model
+
+
+DEFORMABLE_DETR = FamilyExport(
+    "hf-deformable-detr", "Hugging Face DeformableDetrModel / DeformableDetrForObjectDetection (pixel_values "
+    "[B,3,H,W])", _is_deformable_detr, _detr_inputs, (512, 512),
+    lambda m, x: _tensors(m(pixel_values=x["pixel_values"])), _eager_attention)
 
 
 # -- Hugging Face T5 / ByT5 encoder (MrT5) ------------------------------------------
@@ -121,7 +144,7 @@ DIT = FamilyExport(
     "dit", "edgetok.patch.dit.DiT (x [B,C,S,S], t [B], y [B])", _is_dit, _dit_inputs, (),
     lambda m, x: {"output": m(x["x"], x["t"], x["y"])}, _dit_static)
 
-FAMILIES = (DETR, T5_ENCODER, DIT)
+FAMILIES = (DETR, DEFORMABLE_DETR, T5_ENCODER, DIT)
 
 
 def family_for(model: nn.Module) -> Optional[FamilyExport]:

@@ -43,7 +43,8 @@ def detr_encoder(model: nn.Module) -> nn.Module:
     if not isinstance(enc, DetrEncoder):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a Hugging Face DETR model (DetrModel, DetrForObjectDetection, "
-            "DetrForSegmentation); Focus-DETR here patches transformers' DetrEncoder"
+            "DetrForSegmentation, or their Deformable-DETR counterparts); Focus-DETR here patches "
+            "transformers' DetrEncoder and DeformableDetrEncoder"
         )
     return enc
 
@@ -85,18 +86,25 @@ def _focus_encoder_forward(self, inputs_embeds=None, attention_mask=None, spatia
     return BaseModelOutput(last_hidden_state=x)
 
 
-def reduce_detr(model: nn.Module, plan, scorer: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose encoder runs ``plan`` with the foreground ``scorer``
-    (registered as ``encoder.focus_scorer``, so its weights follow .to() and state_dict)."""
-    enc = detr_encoder(model)
+def reduce_encoder(model: nn.Module, plan, scorer: nn.Module, encoder_of: Callable, forward: Callable,
+                   tag: str) -> nn.Module:
+    """A copy of ``model`` whose encoder (``encoder_of(model)``) runs ``forward`` with ``plan``
+    and the foreground ``scorer`` (registered as ``encoder.focus_scorer``, so its weights
+    follow .to() and state_dict)."""
+    enc = encoder_of(model)
     if hasattr(enc, "edgetok_plan"):
         raise EdgetokError("this DETR is already reduced; apply Focus-DETR to the original model")
     if len(plan.reducers) != len(enc.layers):
         raise EdgetokError(f"the plan has {len(plan.reducers)} layers but the encoder has {len(enc.layers)}")
     reduced = copy.deepcopy(model)
-    enc = detr_encoder(reduced)
-    swap_forward(enc, _focus_encoder_forward, "Focus")
+    enc = encoder_of(reduced)
+    swap_forward(enc, forward, tag)
     enc.focus_scorer = copy.deepcopy(scorer)
     enc.edgetok_plan = plan
     reduced.edgetok_plan = plan
     return reduced.train(model.training)
+
+
+def reduce(model: nn.Module, plan, scorer: nn.Module) -> nn.Module:
+    """A Focus-DETR copy of a Hugging Face DETR model."""
+    return reduce_encoder(model, plan, scorer, detr_encoder, _focus_encoder_forward, "Focus")
