@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -71,6 +73,13 @@ METHODS = {
     "dymu": dict(threshold=0.2),
 }
 OP_TYPE = {"tome": "TokenMerge", "drop": "TokenDrop", "dymu": "ThresholdMerge"}
+# getNbOutputs of each TensorRT plugin, read from its source
+PLUGIN_OUTPUTS = {
+    name: int(count) for name, count in re.findall(
+        r"class (\w+)Plugin final.*?getNbOutputs\(\) const noexcept override \{ return (\d+); \}",
+        (Path(__file__).parents[1] / "plugins" / "trt" / "plugins.cpp").read_text(), flags=re.S)
+}
+assert set(PLUGIN_OUTPUTS) == {"TokenMerge", "TokenDrop", "ThresholdMerge"}, PLUGIN_OUTPUTS
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,6 +134,9 @@ def test_export_every_method_and_adapter(family, method, tmp_root):
     trt = apply_target(onnx.load(str(result.onnx_path)), "trt")
     assert not trt.functions and [n.op_type for n in trt.graph.node if n.domain == "edgetok"] == [n.op_type
                                                                                                   for n in nodes]
+    # TensorRT's parser wants one named node output per plugin output
+    for n in (n for n in trt.graph.node if n.domain == "edgetok"):
+        assert len(n.output) == PLUGIN_OUTPUTS[n.op_type] and all(n.output), (n.op_type, list(n.output))
     inlined = apply_target(onnx.load(str(result.onnx_path)), "inlined")
     assert not inlined.functions and all(n.domain in ("", "ai.onnx") for n in inlined.graph.node)
     onnx.checker.check_model(inlined, full_check=True)

@@ -97,6 +97,8 @@ def test_threshold_merge(shape, threshold, pad):
     if ties:
         threshold = 0.5  # similarities are exactly 0 or 1: decisions are exact
     got = run("ThresholdMerge", {"x": x, "metric": metric, "size": size}, {"threshold": threshold, "protect_first": pf})
+    *got, rows = got  # the 0-D int32 row count, TensorRT's size tensor
+    assert rows.dtype == np.int32 and rows.shape == () and rows == got[0].shape[1]
     assert_same(got, threshold_merge(x, metric, size, threshold, pf))
 
 

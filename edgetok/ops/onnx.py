@@ -215,7 +215,8 @@ def ThresholdMerge(x, metric, size, threshold: float, protect_first: int):
     keepmask = op.Unsqueeze(keepmask, last)
     out = op.Mul(op.GatherND(cand_x, order_i, batch_dims=1), keepmask)
     out_size = op.Mul(op.GatherND(cand_s, order_i, batch_dims=1), keepmask)
-    return out, out_size, count
+    rows = op.Cast(op.Squeeze(mcount), to=6)  # M as a 0-D int32: the TensorRT plugin's size tensor
+    return out, out_size, count, rows
 
 
 @script(edgetok)
@@ -293,10 +294,14 @@ class OnnxOp:
     def translation(self) -> Callable:
         node_op, attrs = self.node_op, self.attrs
 
+        returns = len(self.torch_op._schema.returns)
+
         def translate(*args):
             tensors, consts = args[: len(args) - len(attrs)], args[len(args) - len(attrs):]
             kwargs = dict(zip(attrs, consts))
-            return node_op(*tensors, **kwargs, **PLUGIN_ATTRS)
+            outs = node_op(*tensors, **kwargs, **PLUGIN_ATTRS)
+            # outputs the plugin has and the torch op not (ThresholdMerge's size tensor) stay unused
+            return outs[:returns] if isinstance(outs, tuple) and len(outs) > returns else outs
 
         return translate
 
@@ -342,13 +347,15 @@ OPS: dict[str, OnnxOp] = {
             "ThresholdMerge",
             torch.ops.edgetok.threshold_merge.default,
             _schema("ThresholdMerge", [("x", "T"), ("metric", "T"), ("size", "T")],
-                    [("x_out", "T"), ("size_out", "T"), ("count", "I")],
+                    [("x_out", "T"), ("size_out", "T"), ("count", "I"), ("rows", "tensor(int32)")],
                     [("threshold", "float", "merge pairs with similarity above it"),
                      ("protect_first", "int", "leading tokens never merged")],
-                    "DyMU threshold merging: padded [B,M,C], sizes [B,M,1] (0 = padding), count [B]."),
+                    "DyMU threshold merging: padded [B,M,C], sizes [B,M,1] (0 = padding), count [B], and M "
+                    "as a 0-D int32 (the size tensor TensorRT's plugin declares; the parser wants one node "
+                    "output per plugin output)."),
             ThresholdMerge,
             ("threshold", "protect_first"),
-            (3, 3, 1),
+            (3, 3, 1, 0),
         ),
         OnnxOp(
             "DiffDrop",
@@ -373,7 +380,10 @@ def custom_translation_table() -> dict:
 def add_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Append the body of every edgetok op type the graph uses, and the edgetok opset import."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    used = sorted({n.op_type for n in _all_nodes(model.graph) if n.domain == DOMAIN})
+    nodes = [n for n in _all_nodes(model.graph) if n.domain == DOMAIN]
+    for n in nodes:
+        name_outputs(n)
+    used = sorted({n.op_type for n in nodes})
     have = {(f.domain, f.name) for f in model.functions}
     for name in used:
         if (DOMAIN, name) not in have:
@@ -381,6 +391,19 @@ def add_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     if used and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return model
+
+
+def name_outputs(node: onnx.NodeProto) -> None:
+    """Give an edgetok node every output its schema lists, each with a name: TensorRT's
+    parser wants exactly one non-empty node output per plugin output, and exporters drop
+    or blank the ones nothing reads."""
+    schema = OPS[node.op_type].schema
+    stem = node.name or node.output[0]
+    while len(node.output) < len(schema.outputs):
+        node.output.append("")
+    for i, p in enumerate(schema.outputs):
+        if not node.output[i]:
+            node.output[i] = f"{stem}_{p.name}"
 
 
 def _all_nodes(graph):
@@ -391,6 +414,9 @@ def _all_nodes(graph):
                 yield from _all_nodes(a.g)
             for g in a.graphs:
                 yield from _all_nodes(g)
+
+
+_ELEM = {"I": onnx.TensorProto.INT64, "tensor(int32)": onnx.TensorProto.INT32}
 
 
 def op_model(name: str, ranks: dict[str, int], attrs: dict, opset: int = 18, bodies: bool = True) -> onnx.ModelProto:
@@ -404,7 +430,7 @@ def op_model(name: str, ranks: dict[str, int], attrs: dict, opset: int = 18, bod
     inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [f"{k}_{i}" for i in range(r)])
               for k, r in ranks.items()]
     outputs = [
-        helper.make_tensor_value_info(p.name, TensorProto.INT64 if p.type_str == "I" else TensorProto.FLOAT,
+        helper.make_tensor_value_info(p.name, _ELEM.get(p.type_str, TensorProto.FLOAT),
                                       [f"{p.name}_{i}" for i in range(r)])
         for p, r in zip(spec.schema.outputs, spec.out_ranks)
     ]
