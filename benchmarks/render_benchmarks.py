@@ -109,9 +109,8 @@ def fidelity_section(d: dict) -> list[str]:
         lines += [f"Auto schedule ({r['variant']}): r per layer {','.join(map(str, r['auto']['r']))}; "
                   f"{r['auto']['reason']}; predicted {r['auto']['predicted_speedup']:.2f}x, verified "
                   f"{(r['auto'].get('measured_speedup') or 0):.2f}x by the search.", ""]
-    for fig in d.get("figures", []):
-        name = Path(fig).stem
-        lines.append(f"![{name}]({os.path.relpath(fig, ROOT / 'docs')})")
+    for fig in d.get("figures", []):  # written to docs/figures by bench_fidelity
+        lines.append(f"![{Path(fig).stem}](figures/{Path(fig).name})")
     return lines + [""]
 
 
