@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import tempfile
 from pathlib import Path
@@ -48,11 +49,28 @@ def matrix_section(d: dict) -> list[str]:
     autos = [r for r in d["rows"] if "auto" in r]
     if autos:
         lines += ["### Auto schedules", ""]
-        lines += _table(["model", "backend", "batch", "r per layer", "predicted", "measured", "why"],
+        lines += ["Predicted: from the measured cost table; verified: measured by the search itself; matrix: the "
+                  "table above. The search's verdict (\"why\") is the one it gave in that run.", ""]
+        lines += _table(["model", "backend", "batch", "r per layer", "predicted", "verified", "matrix", "why"],
                         [[r["model"], r["backend"], r["batch"], ",".join(map(str, r["auto"]["r"])),
-                          f"{r['auto']['predicted_speedup']:.2f}x", f"{r['speed_ratio']:.2f}x", r["auto"]["reason"]]
+                          f"{r['auto']['predicted_speedup']:.2f}x",
+                          f"{r['auto']['measured_speedup']:.2f}x" if r["auto"].get("measured_speedup") else "-",
+                          f"{r['speed_ratio']:.2f}x", r["auto"]["reason"]]
                          for r in autos])
+        stale = [r for r in autos if _prediction_only(r)]
+        if stale:
+            lines += [f"{len(stale)} of these verdicts say \"met\" although the search's own measurement fell short "
+                      "of the goal: that run predates edgetok.reduce.auto.judge_measured, which now lets the "
+                      "measurement decide (goal_met false, reason says so).", ""]
     return lines
+
+
+def _prediction_only(row: dict) -> bool:
+    """An auto verdict of "met" that its own verification contradicts (runs before judge_measured)."""
+    a = row["auto"]
+    goal = re.search(r"speed-up ([0-9.]+)x met", a["reason"])
+    return bool(goal and a.get("measured_speedup") and a["measured_speedup"] < float(goal.group(1))
+                and "but measured" not in a["reason"])
 
 
 def compare_section(title: str, d: dict, note: str = "") -> list[str]:

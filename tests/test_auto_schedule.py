@@ -125,3 +125,22 @@ def test_repair_lets_the_greedy_go_on_past_a_capped_layer():
     assert not stuck.goal_met and freed.goal_met and tome_valid(freed.r)
     assert freed.predicted_speedup > stuck.predicted_speedup
     assert A._capper("drop", adapter_for(model).info(model)) is None  # no clamp: no repair
+
+
+def _chosen(r=(4, 4, 0)):
+    return A.AutoSchedule(r=list(r), predicted_ms=7.5, baseline_ms=10.0, fidelity=0.99, goal_met=True, reduced=True,
+                          reason="speed-up 1.3x met")
+
+
+def test_measurement_decides_not_the_prediction():
+    # measured slower than unreduced: back to r=0
+    slow = A.judge_measured(_chosen(), 0.95, "ort-cpu", min_speedup=1.3)
+    assert slow.r == [0, 0, 0] and not slow.reduced and not slow.goal_met and "slower than unreduced" in slow.reason
+    # faster, but under the goal the cost table promised: kept, and said
+    short = A.judge_measured(_chosen(), 1.15, "ort-cpu", min_speedup=1.3)
+    assert short.reduced and not short.goal_met and short.r == [4, 4, 0]
+    assert "measured 1.15x on ort-cpu (predicted 1.33x): under the 1.3x goal" in short.reason
+    over = A.judge_measured(_chosen(), 1.1, "ort-cpu", budget_ms=8.0)
+    assert not over.goal_met and "over the 8 ms budget" in over.reason
+    met = A.judge_measured(_chosen(), 1.35, "ort-cpu", min_speedup=1.3)
+    assert met.goal_met and met.reason == "speed-up 1.3x met" and met.measured_speedup == 1.35

@@ -403,10 +403,29 @@ def auto_schedule(model, target=None, backend: Optional[str] = None, batch: Opti
                     budget_ms, min_speedup, step, repair=_capper(method, info))
     if verify and result.reduced:
         speed = _measured_speedup(model, apply(model, method, r=result.r), backend, batch, info, repeats)
-        result.measured_speedup = speed
-        if speed < 1.0:
-            result.reason += f"; measured {speed:.2f}x on {backend}: slower than unreduced, keeping r=0"
-            result.r, result.reduced, result.predicted_ms, result.fidelity = [0] * info.depth, False, result.baseline_ms, 1.0
+        judge_measured(result, speed, backend, min_speedup, budget_ms)
+    return result
+
+
+def judge_measured(result: AutoSchedule, speed: float, backend: str, min_speedup: Optional[float] = None,
+                   budget_ms: Optional[float] = None) -> AutoSchedule:
+    """Let the measured speed-up, not the cost table's prediction, decide: slower than
+    unreduced -> r=0; under the goal -> ``goal_met`` false, and the reason says so."""
+    result.measured_speedup = speed
+    if speed < 1.0:
+        result.reason += f"; measured {speed:.2f}x on {backend}: slower than unreduced, keeping r=0"
+        result.r, result.reduced, result.goal_met = [0] * len(result.r), False, False
+        result.predicted_ms, result.fidelity = result.baseline_ms, 1.0
+        return result
+    short = []
+    if min_speedup is not None and speed < min_speedup:
+        short.append(f"under the {min_speedup:g}x goal")
+    if budget_ms is not None and result.baseline_ms / speed > budget_ms:
+        short.append(f"about {result.baseline_ms / speed:.1f} ms, over the {budget_ms:g} ms budget")
+    if short:
+        result.goal_met = False
+        result.reason += (f"; but measured {speed:.2f}x on {backend} (predicted {result.predicted_speedup:.2f}x): "
+                          + ", ".join(short))
     return result
 
 
