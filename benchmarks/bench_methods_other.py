@@ -148,7 +148,7 @@ def bench_focus_deformable_detr(tiny: bool, repeats: int) -> list[dict]:
     shape = (n, d, ffn, layers, heads, levels, points)
     variants = {}
     for rates in ((0.3,), (0.5, 0.4, 0.3, 0.3, 0.2, 0.1)[:layers]):
-        red = deformable_detr_encoder(focus_detr.apply(base, keep_rate=list(rates) * (layers // len(rates))))
+        red = deformable_detr_encoder(focus_detr.apply(base, keep_rate=rates[0] if len(rates) == 1 else list(rates)))
         keeps = [focus_detr.keep_count(n, r) for r in red.edgetok_plan.params["keep_rate"]]
         name = "focus_detr keep_rate=" + ",".join(str(r) for r in rates)
         variants[name] = ((lambda e=red: e(**enc_in)), deformable_encoder_flops(*shape, keeps, scorer=True))

@@ -61,24 +61,25 @@ def test_mrt5_t5_encoder_matches_torch_with_padding(tmp_path):
     assert np.array_equal(kept_mask, ref.attention_mask.numpy())
 
 
-def test_focus_detr(tmp_path):
-    rc, out = export(tmp_path, "--model", DETR, "--method", "focus_detr", "--param", "keep_rate=0.5",
+def focus_detr_cli_export(tmp_path, model: str, keep_rate: str, family: str) -> dict:
+    """`edgetok export` of a two-layer DETR-style encoder with Focus-DETR at 64x96, batch 1."""
+    rc, out = export(tmp_path, "--model", model, "--method", "focus_detr", "--param", f"keep_rate={keep_rate}",
                      "--input-size", "64,96", "--batch", "1")
     assert rc == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert m["family"] == "hf-detr" and m["inputs"][0]["shape"] == [1, 3, 64, 96]
+    assert m["family"] == family and m["inputs"][0]["shape"] == [1, 3, 64, 96]
     assert [n["op_type"] for n in m["edgetok_ops"]] == ["TokenDrop", "TokenDrop"]
-    assert m["parity"]["batches"] == [1] and m["parity"]["max_abs_err"]["1"] <= 1e-4
+    assert m["parity"]["max_abs_err"]["1"] <= 1e-4
+    return m
+
+
+def test_focus_detr(tmp_path):
+    m = focus_detr_cli_export(tmp_path, DETR, "0.5", "hf-detr")
+    assert m["parity"]["batches"] == [1]
 
 
 def test_focus_deformable_detr(tmp_path):
-    rc, out = export(tmp_path, "--model", DEFORMABLE_DETR, "--method", "focus_detr", "--param", "keep_rate=0.4",
-                     "--input-size", "64,96", "--batch", "1")
-    assert rc == 0
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["family"] == "hf-deformable-detr" and m["inputs"][0]["shape"] == [1, 3, 64, 96]
-    assert [n["op_type"] for n in m["edgetok_ops"]] == ["TokenDrop", "TokenDrop"]
-    assert m["parity"]["max_abs_err"]["1"] <= 1e-4
+    focus_detr_cli_export(tmp_path, DEFORMABLE_DETR, "0.4", "hf-deformable-detr")
     # the Python entry point, checked here on an input the exporter's own check did not see
     from edgetok import apply
     from edgetok.export.exporter import export_family

@@ -184,9 +184,10 @@ def check(path: Path) -> None:
         raise ExportError(f"the exported model fails the ONNX checker: {str(e).splitlines()[0]}") from None
 
 
-def parity(path: Path, model: nn.Module, input_shape: Sequence[int], batches: Sequence[int],
-           tolerance: float = TOLERANCE, seed: int = 0) -> dict:
-    """Max abs difference between ONNX Runtime CPU and the torch model per batch size."""
+def ort_parity(path: Path, batches: Sequence[int], feeds_for: Callable[[int, torch.Generator], dict],
+               reference: Callable[[dict], list], tolerance: float = TOLERANCE, seed: int = 0) -> dict:
+    """Max abs difference between ONNX Runtime CPU and torch per batch size: ``feeds_for(b, gen)``
+    makes the named inputs, ``reference(feeds)`` the torch outputs as numpy arrays."""
     import onnxruntime as ort
 
     from ..timing import ort_session_options
@@ -197,10 +198,10 @@ def parity(path: Path, model: nn.Module, input_shape: Sequence[int], batches: Se
     gen = torch.Generator().manual_seed(seed)
     errors = {}
     for b in batches:
-        x = torch.randn(b, *input_shape, generator=gen)
+        feeds = feeds_for(b, gen)
         with torch.no_grad():
-            ref = [t.numpy() for t in torch.utils._pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
-        got = session.run(None, {INPUT_NAME: x.numpy()})
+            ref = reference(feeds)
+        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
         if [r.shape for r in ref] != [g.shape for g in got]:
             raise ExportError(f"ONNX Runtime output shapes {[g.shape for g in got]} differ from torch's "
                               f"{[r.shape for r in ref]} at batch {b}")
@@ -210,6 +211,17 @@ def parity(path: Path, model: nn.Module, input_shape: Sequence[int], batches: Se
             raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} at batch {b} "
                               f"(tolerance {tolerance:g})")
     return {"batches": list(batches), "max_abs_err": errors, "tolerance": tolerance}
+
+
+def parity(path: Path, model: nn.Module, input_shape: Sequence[int], batches: Sequence[int],
+           tolerance: float = TOLERANCE, seed: int = 0) -> dict:
+    """ORT vs torch for an image model with the one input ``pixel_values``."""
+    def reference(feeds):
+        out = model(feeds[INPUT_NAME])
+        return [t.numpy() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    return ort_parity(path, batches, lambda b, gen: {INPUT_NAME: torch.randn(b, *input_shape, generator=gen)},
+                      reference, tolerance, seed)
 
 
 def _edgetok_nodes(proto) -> list[dict]:
@@ -436,29 +448,9 @@ class _FamilyModel(nn.Module):
 
 def family_parity(path: Path, wrapped: _FamilyModel, family, size, batches: Sequence[int],
                   tolerance: float = TOLERANCE, seed: int = 0) -> dict:
-    """As ``parity``, for a family's named inputs."""
-    import onnxruntime as ort
-
-    from ..timing import ort_session_options
-
-    opts = ort_session_options()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(seed)
-    errors = {}
-    for b in batches:
-        feeds = family.inputs(wrapped.model, b, size, gen)
-        with torch.no_grad():
-            ref = [t.numpy() for t in wrapped(*feeds.values())]
-        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
-        if [r.shape for r in ref] != [g.shape for g in got]:
-            raise ExportError(f"ONNX Runtime output shapes {[g.shape for g in got]} differ from torch's "
-                              f"{[r.shape for r in ref]} at batch {b}")
-        err = max(float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0 for r, g in zip(ref, got))
-        errors[str(b)] = err
-        if not err <= tolerance:
-            raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} at batch {b} (tolerance {tolerance:g})")
-    return {"batches": list(batches), "max_abs_err": errors, "tolerance": tolerance}
+    """ORT vs torch for a family's named inputs."""
+    return ort_parity(path, batches, lambda b, gen: family.inputs(wrapped.model, b, size, gen),
+                      lambda feeds: [t.numpy() for t in wrapped(*feeds.values())], tolerance, seed)
 
 
 def export_family(

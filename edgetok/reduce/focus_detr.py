@@ -155,14 +155,15 @@ def apply(model: nn.Module, keep_rate=0.3, scorer: Optional[nn.Module] = None, s
     from ..patch import hf_deformable_detr, hf_detr
 
     if hf_deformable_detr.is_deformable_detr(model):
-        enc, patch, levels = hf_deformable_detr.deformable_detr_encoder(model), hf_deformable_detr, \
-            model.config.num_feature_levels
+        patch, enc = hf_deformable_detr, hf_deformable_detr.deformable_detr_encoder(model)
+        levels = model.config.num_feature_levels
     else:
-        enc, patch, levels = hf_detr.detr_encoder(model), hf_detr, 1
+        patch, enc, levels = hf_detr, hf_detr.detr_encoder(model), 1
     dim = enc.config.d_model
-    if scorer is None:
-        scorer = ForegroundScorer.load(scorer_path, dim, levels=levels) if scorer_path else \
-            ForegroundScorer(dim, seed=seed, levels=levels)
+    if scorer is None and scorer_path:
+        scorer = ForegroundScorer.load(scorer_path, dim, levels=levels)
+    elif scorer is None:
+        scorer = ForegroundScorer(dim, seed=seed, levels=levels)
     elif getattr(scorer, "levels", levels) != levels:
         raise ScheduleError(f"the scorer is for {scorer.levels} feature level(s), the model has {levels}")
     plan = build_focus_detr(len(enc.layers), keep_rate=keep_rate)

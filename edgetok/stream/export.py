@@ -34,6 +34,11 @@ OUTPUTS = ["tokens", "changed_tokens", "idx", "valid", "changed", "ref_out", "k_
 STATE = {"ref": "ref_out", "k_cache": "k_cache_out", "v_cache": "v_cache_out", "token_cache": "tokens"}
 
 
+def _step_outputs(out, st) -> tuple:
+    """A step's graph outputs, in OUTPUTS order."""
+    return out.tokens, out.changed_tokens, out.idx, out.valid, out.changed, st.ref, st.k, st.v
+
+
 class StreamStep(nn.Module):
     """One static-shape step: ``keep`` slots (prefix included) for every frame."""
 
@@ -45,7 +50,7 @@ class StreamStep(nn.Module):
         x = self.core.embed(frame)
         change = self.core.change(frame, x, ref)
         out, st = self.core(frame, x, change, refresh, StreamState(ref, k_cache, v_cache, token_cache), self.keep)
-        return out.tokens, out.changed_tokens, out.idx, out.valid, out.changed, st.ref, st.k, st.v
+        return _step_outputs(out, st)
 
 
 class StreamRefresh(nn.Module):
@@ -58,7 +63,7 @@ class StreamRefresh(nn.Module):
     def forward(self, frame, ref):
         x = self.core.embed(frame)
         out, st = self.core.refresh(frame, x, self.core.change(frame, x, ref))
-        return out.tokens, out.changed_tokens, out.idx, out.valid, out.changed, st.ref, st.k, st.v
+        return _step_outputs(out, st)
 
 
 class StreamChange(nn.Module):
