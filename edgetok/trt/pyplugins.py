@@ -1,0 +1,520 @@
+"""Build-time stand-ins for the edgetok TensorRT plugins, written in Python, and the
+loader fix that TensorRT-RTX's pip wheels need before any plugin (C++ or Python) can be
+added by its ONNX parser.
+
+What the stand-ins are for: parsing and building, with TensorRT-RTX and no GPU, a graph
+that keeps the edgetok nodes (the ``trt`` target's form, function bodies stripped). That
+checks the parser's node -> plugin mapping (op type, ``plugin_version``,
+``plugin_namespace``, attribute names and types), that the output shapes and types the
+plugins declare (ThresholdMerge's data-dependent row count as a size tensor included) fit
+the rest of the graph, and that TensorRT finds a format combination. Each stand-in copies
+the build-time side of its C++ plugin in plugins/trt/plugins.cpp: the fields,
+getNbOutputs, getOutputDataTypes, getOutputShapes and supportsFormatCombination
+(tests/test_plugin_mapping.py holds the two against each other). They have no kernels.
+
+Their engines are for checking only, never for running. A stand-in reports plugin
+version ``BUILD_CHECK_VERSION`` ("1-buildcheck"), and that is the version the engine
+records (the node and the creator use "1", so parsing is unchanged). No creator is
+registered under that version anywhere, so no runtime can rebuild those layers from the
+real C++ library (deserialization finds no creator; not run here, there was no GPU).
+Without that, a runtime would run the C++ plugin with a workspace the stand-in never sized
+(the stand-ins report 0 bytes; the C++ plugin asks for more and writes it). To get an engine you can deploy, register the C++ library
+(libedgetok_trt_plugins.so, compiled against TensorRT-RTX's headers) at build time and at
+run time, after the loader fix below.
+
+The loader defect. When TensorRT-RTX 1.7's ONNX parser adds a plugin layer, it does not
+call ``INetworkDefinition::addPluginV3``. It ``dlopen``s the library by its unversioned
+development name ``libtensorrt_rtx.so`` once, looks up ``getPrivateApi_INTERNAL`` and adds
+the layer through that. The pip wheel tensorrt-rtx-cu12-libs ships only
+``libtensorrt_rtx.so.1``, so the ``dlopen`` fails. The parser throws std::runtime_error
+("Unable to open library: libtensorrt_rtx.so ...") inside a noexcept path, and the
+process dies with "terminate called without an active exception". This happens right
+after the creator's createPlugin returns, for C++ and Python plugins alike. The parser
+looks for that name in its own directory first (RPATH ``$ORIGIN``), then
+LD_LIBRARY_PATH, the ld.so cache and the system directories. Any one of these fixes it:
+
+- a link ``libtensorrt_rtx.so -> libtensorrt_rtx.so.1`` in the wheel's
+  ``tensorrt_rtx_libs`` directory (permanent; an SDK install's lib/ normally has it);
+- ``loader_env()``: LD_LIBRARY_PATH naming a directory that holds the link, for a child
+  process (the dynamic loader reads LD_LIBRARY_PATH only when a process starts);
+- ``prepare_loader()``, in this process, before ``tensorrt_rtx_bindings`` (or
+  ``tensorrt_rtx_libs``) is imported: it loads the parser library from a directory of
+  links that also holds ``libtensorrt_rtx.so``, so ``$ORIGIN`` resolves there.
+
+``register()`` does ``prepare_loader()`` when it imports TensorRT-RTX itself. It raises
+PluginLoaderError, instead of letting the parser abort the process, when the name still
+does not resolve.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import EdgetokError
+
+NAMESPACE = "edgetok"  # = plugins.cpp kNamespace = edgetok.ops.onnx.PLUGIN_ATTRS["plugin_namespace"]
+VERSION = "1"  # = plugins.cpp kVersion = PLUGIN_ATTRS["plugin_version"]: what the parser looks up
+BUILD_CHECK_VERSION = "1-buildcheck"  # what a stand-in records in the engine (see the module doc)
+
+PARSER_DLOPENS = "libtensorrt_rtx.so"  # the name TensorRT-RTX's parser dlopens to add a plugin layer
+_LIBS_PACKAGE = "tensorrt_rtx_libs"
+_PARSER_LIB = "libtensorrt_onnxparser_rtx.so.1"
+_CORE_LIB = "libtensorrt_rtx.so.1"
+_RTX_MODULE = "tensorrt_rtx_bindings"
+_RTLD_DI_ORIGIN = 6  # <dlfcn.h>
+
+
+class PluginLoaderError(EdgetokError, RuntimeError):
+    """TensorRT-RTX's parser could not add a plugin layer in this process (it would abort)."""
+
+
+class BuildCheckError(EdgetokError, RuntimeError):
+    """A graph with edgetok nodes did not parse or build with the stand-ins."""
+
+
+# --------------------------------------------------------------------------------------
+# What each plugin declares at build time (mirrors plugins/trt/plugins.cpp)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # "int32" (ONNX INT, PluginFieldType kINT32) or "float32" (ONNX FLOAT, kFLOAT32)
+    default: float  # the C++ member's initial value, used when the node lacks the attribute
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    name: str  # = ONNX op type = C++ plugin name
+    fields: tuple[Field, ...]
+    input_ranks: tuple[int, ...]
+    outputs: tuple[str, ...]  # each output's type: "x" (the type of input 0), "int64" or "int32"
+    shapes: Callable  # (trt, expr_builder, input DimsExprs, field values) -> list of output DimsExprs
+
+
+def _dims(trt, *exprs):
+    d = trt.DimsExprs(len(exprs))
+    for i, e in enumerate(exprs):
+        d[i] = e
+    return d
+
+
+def _merge_shapes(trt, eb, inp, v):  # TokenMergePlugin::getOutputShapes
+    x = inp[0]
+    rows = eb.operation(trt.DimensionOperation.SUB, x[1], eb.constant(int(v["r"])))
+    return [_dims(trt, x[0], rows, x[2]), _dims(trt, x[0], rows, eb.constant(1))]
+
+
+def _drop_shapes(trt, eb, inp, v):  # TokenDropPlugin::getOutputShapes
+    x, keep = inp[0], int(v["keep"])
+    fused = keep + (1 if int(v["fuse_dropped"]) else 0)
+    return [_dims(trt, x[0], eb.constant(fused), x[2]), _dims(trt, x[0], eb.constant(keep))]
+
+
+def _threshold_shapes(trt, eb, inp, v):  # ThresholdMergePlugin::getOutputShapes
+    x = inp[0]
+    n = x[1]
+    op = trt.DimensionOperation
+    opt = eb.operation(op.FLOOR_DIV, eb.operation(op.PROD, n, eb.constant(3)), eb.constant(4))
+    m = eb.declare_size_tensor(3, opt, n)  # output 3: the 0-D INT32 row count, upper bound N
+    return [_dims(trt, x[0], m, x[2]), _dims(trt, x[0], m, eb.constant(1)), _dims(trt, x[0]), _dims(trt)]
+
+
+SPECS: dict[str, PluginSpec] = {
+    s.name: s
+    for s in (
+        PluginSpec("TokenMerge", (Field("r", "int32", 0), Field("protect_first", "int32", 1)),
+                   (3, 3, 3), ("x", "x"), _merge_shapes),
+        PluginSpec("TokenDrop",
+                   (Field("keep", "int32", 1), Field("protect_first", "int32", 1), Field("fuse_dropped", "int32", 0)),
+                   (3, 2), ("x", "int64"), _drop_shapes),
+        PluginSpec("ThresholdMerge", (Field("threshold", "float32", 0.9), Field("protect_first", "int32", 1)),
+                   (3, 3, 3), ("x", "x", "int64", "int32"), _threshold_shapes),
+    )
+}
+
+# --------------------------------------------------------------------------------------
+# The loader fix
+# --------------------------------------------------------------------------------------
+
+
+def wheel_lib_dir() -> Optional[Path]:
+    """The directory of the TensorRT-RTX libraries wheel (tensorrt_rtx_libs), found without importing it."""
+    spec = importlib.util.find_spec(_LIBS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _dl(name: str):
+    for lib in (None, "libdl.so.2"):
+        try:
+            fn = getattr(ctypes.CDLL(lib), name)
+        except (OSError, AttributeError):
+            continue
+        return fn
+    return None
+
+
+def _loaded_origin(soname: str) -> Optional[Path]:
+    """$ORIGIN of an already loaded library (the directory it was loaded through), or None."""
+    try:
+        handle = ctypes.CDLL(soname, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)._handle
+    except OSError:
+        return None
+    dlinfo = _dl("dlinfo")
+    if dlinfo is None:
+        return None
+    buf = ctypes.create_string_buffer(4096)
+    dlinfo.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    if dlinfo(ctypes.c_void_p(handle), _RTLD_DI_ORIGIN, buf) != 0:
+        return None
+    return Path(buf.value.decode())
+
+
+def _initial_ld_library_path() -> str:
+    """LD_LIBRARY_PATH as this process started (what the dynamic loader uses)."""
+    try:
+        env = Path("/proc/self/environ").read_bytes().split(b"\0")
+        for item in env:
+            if item.startswith(b"LD_LIBRARY_PATH="):
+                return item.split(b"=", 1)[1].decode(errors="replace")
+        return ""
+    except OSError:
+        return os.environ.get("LD_LIBRARY_PATH", "")
+
+
+def _ld_cache_entry(name: str) -> Optional[Path]:
+    ldconfig = shutil.which("ldconfig") or ("/sbin/ldconfig" if os.path.exists("/sbin/ldconfig") else None)
+    if ldconfig is None:
+        return None
+    try:
+        out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        left, _, right = line.partition("=>")
+        if left.strip().split(" ")[0] == name and right.strip():
+            return Path(right.strip())
+    return None
+
+
+def _resolve_unversioned() -> tuple[Optional[Path], Optional[Path]]:
+    """(where the parser's dlopen of libtensorrt_rtx.so would land or None, the parser's $ORIGIN)."""
+    origin = _loaded_origin(_PARSER_LIB) or wheel_lib_dir()
+    dirs = [origin] if origin else []
+    dirs += [Path(p) for p in _initial_ld_library_path().split(":") if p]
+    for d in dirs:
+        if (d / PARSER_DLOPENS).exists():
+            return d / PARSER_DLOPENS, origin
+    cached = _ld_cache_entry(PARSER_DLOPENS)
+    if cached is not None and cached.exists():
+        return cached, origin
+    for d in ("/lib", "/usr/lib", "/lib64", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu"):
+        if (Path(d) / PARSER_DLOPENS).exists():
+            return Path(d) / PARSER_DLOPENS, origin
+    return None, origin
+
+
+def loader_problem() -> Optional[str]:
+    """Why TensorRT-RTX's parser would abort this process on a plugin node, or None if it will not.
+    (Also true for the C++ plugin library; standard TensorRT's parser is not affected.)"""
+    if sys.platform != "linux":
+        return None  # the defect was seen with the Linux wheels; elsewhere nothing is checked
+    found, origin = _resolve_unversioned()
+    core = (origin / _CORE_LIB) if origin else None
+    if found is not None:
+        if core is not None and core.exists() and os.path.realpath(found) != os.path.realpath(core):
+            return (f"{PARSER_DLOPENS} resolves to {os.path.realpath(found)}, not to the TensorRT-RTX library this "
+                    f"process uses ({os.path.realpath(core)}); the parser would add plugin layers through another "
+                    "build's private API")
+        return None
+    return (f"TensorRT-RTX's ONNX parser dlopens {PARSER_DLOPENS} (unversioned) to add a plugin layer and aborts "
+            f"the process ('terminate called without an active exception') when that fails; the wheel in "
+            f"{origin or '<tensorrt_rtx_libs not found>'} ships only {_CORE_LIB}. Fix: "
+            f"`ln -s {_CORE_LIB} {origin or '<tensorrt_rtx_libs>'}/{PARSER_DLOPENS}`, or start the process with "
+            "edgetok.trt.pyplugins.loader_env(), or call edgetok.trt.pyplugins.prepare_loader() before "
+            f"{_RTX_MODULE} is imported")
+
+
+def link_dir(directory: Optional[os.PathLike] = None) -> Path:
+    """A directory of links into the wheel: the parser library, and libtensorrt_rtx.so -> libtensorrt_rtx.so.1."""
+    src = wheel_lib_dir()
+    if src is None or not (src / _CORE_LIB).exists():
+        raise PluginLoaderError(f"cannot find the TensorRT-RTX libraries wheel ({_LIBS_PACKAGE} with {_CORE_LIB}); "
+                                "install tensorrt-rtx-cu12-libs")
+    if directory is None:
+        tag = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:12]
+        directory = Path(tempfile.gettempdir()) / f"edgetok-rtx-loader-{os.getuid()}" / tag
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, target in ((_PARSER_LIB, src / _PARSER_LIB), (_CORE_LIB, src / _CORE_LIB),
+                         (PARSER_DLOPENS, src / _CORE_LIB)):
+        link = d / name
+        if link.is_symlink() and os.readlink(link) == str(target):
+            continue
+        tmp = d / f".{name}.{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return d
+
+
+def loader_env(env: Optional[dict] = None, directory: Optional[os.PathLike] = None) -> dict:
+    """``env`` (default: os.environ) with LD_LIBRARY_PATH led by a directory holding libtensorrt_rtx.so,
+    for a child process that builds with plugins under TensorRT-RTX."""
+    out = dict(os.environ if env is None else env)
+    d = str(link_dir(directory))
+    rest = [p for p in out.get("LD_LIBRARY_PATH", "").split(":") if p and p != d]
+    out["LD_LIBRARY_PATH"] = ":".join([d, *rest])
+    return out
+
+
+def prepare_loader(directory: Optional[os.PathLike] = None) -> Optional[Path]:
+    """Make libtensorrt_rtx.so resolvable for TensorRT-RTX's parser in this process: load the parser
+    library through a directory of links (its $ORIGIN) that holds it. Must run before
+    tensorrt_rtx_bindings or tensorrt_rtx_libs is imported. -> the directory used, or None when
+    nothing was needed. Raises PluginLoaderError when it is too late or does not help."""
+    if loader_problem() is None:
+        return None
+    if _loaded_origin(_PARSER_LIB) is not None:
+        raise PluginLoaderError(loader_problem() + f" ({_RTX_MODULE} is already imported, so prepare_loader() "
+                                "comes too late in this process)")
+    d = link_dir(directory)
+    ctypes.CDLL(str(d / _PARSER_LIB), mode=os.RTLD_GLOBAL)
+    problem = loader_problem()
+    if problem is not None:
+        raise PluginLoaderError(problem)
+    return d
+
+
+# --------------------------------------------------------------------------------------
+# The stand-ins
+# --------------------------------------------------------------------------------------
+
+_CLASSES: dict[int, tuple[type, type]] = {}
+_LIVE: list = []  # registrations (and through them every plugin object TensorRT holds) stay alive
+
+
+def _classes(trt):
+    """The stand-in plugin and creator classes for the TensorRT module ``trt`` (made once per module)."""
+    if id(trt) in _CLASSES:
+        return _CLASSES[id(trt)]
+    import numpy as np
+
+    field_type = {"int32": trt.PluginFieldType.INT32, "float32": trt.PluginFieldType.FLOAT32}
+    np_type = {"int32": np.int32, "float32": np.float32}
+    out_type = {"int64": trt.DataType.INT64, "int32": trt.DataType.INT32}
+    floats = tuple(getattr(trt.DataType, t) for t in ("FLOAT", "HALF", "BF16") if hasattr(trt.DataType, t))
+
+    class StandInPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        """Build-time side of one edgetok plugin; records version BUILD_CHECK_VERSION; no kernels."""
+
+        def __init__(self, spec: PluginSpec, values: dict, keep: list):
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name = spec.name
+            self.plugin_namespace = NAMESPACE
+            self.plugin_version = BUILD_CHECK_VERSION
+            self.num_outputs = len(spec.outputs)
+            self.timing_cache_id = ""
+            self.spec, self.values, self._keep = spec, dict(values), keep
+            keep.append(self)  # TensorRT holds only the C++ side: the Python object must outlive it
+
+        def get_capability_interface(self, type):
+            return self
+
+        def clone(self):
+            return StandInPlugin(self.spec, self.values, self._keep)
+
+        def get_fields_to_serialize(self):
+            return trt.PluginFieldCollection([
+                trt.PluginField(f.name, np.array([self.values[f.name]], dtype=np_type[f.kind]), field_type[f.kind])
+                for f in self.spec.fields
+            ])
+
+        def configure_plugin(self, inputs, outputs):
+            return None
+
+        def on_shape_change(self, inputs, outputs):
+            return None
+
+        def get_output_data_types(self, input_types):
+            return [input_types[0] if t == "x" else out_type[t] for t in self.spec.outputs]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            ranks = tuple(len(d) for d in inputs)
+            if ranks != self.spec.input_ranks:
+                raise ValueError(f"{self.spec.name}: inputs of ranks {ranks}, expected {self.spec.input_ranks}")
+            return self.spec.shapes(trt, expr_builder, inputs, self.values)
+
+        def supports_format_combination(self, pos, in_out, num_inputs):
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            if pos == 0:
+                return desc.type in floats
+            kind = "x" if pos < num_inputs else self.spec.outputs[pos - num_inputs]
+            return desc.type == (in_out[0].desc.type if kind == "x" else out_type[kind])
+
+        def get_workspace_size(self, inputs, outputs):
+            return 0  # never sized: the engine records BUILD_CHECK_VERSION so it cannot run
+
+        def get_valid_tactics(self):
+            return []
+
+        def set_tactic(self, tactic):
+            return None
+
+        def attach_to_context(self, context):
+            return self.clone()
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            raise RuntimeError(f"{self.spec.name}: edgetok's Python plugins are build-time stand-ins without "
+                               "kernels; run engines built with the C++ plugin library")
+
+    class StandInCreator(trt.IPluginCreatorV3One):
+        def __init__(self, spec: PluginSpec):
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name = spec.name
+            self.plugin_namespace = NAMESPACE
+            self.plugin_version = VERSION
+            self.field_names = trt.PluginFieldCollection(
+                [trt.PluginField(f.name, np.array([]), field_type[f.kind]) for f in spec.fields])
+            self.spec = spec
+            self.plugins: list = []
+
+        def create_plugin(self, name, fc, phase):
+            if phase == trt.TensorRTPhase.RUNTIME:
+                raise RuntimeError(f"{self.spec.name}: edgetok's Python plugins are build-time stand-ins; load the "
+                                   "C++ plugin library (libedgetok_trt_plugins.so) to run an engine")
+            values = {f.name: f.default for f in self.spec.fields}
+            kinds = {f.name: f.kind for f in self.spec.fields}
+            for f in fc:  # unknown fields are ignored, as plugins.cpp's readFields does
+                if f.name not in kinds:
+                    continue
+                if f.type != field_type[kinds[f.name]] or len(f.data) < 1:
+                    raise TypeError(f"{self.spec.name}: attribute '{f.name}' must be one {kinds[f.name].upper()}")
+                values[f.name] = float(f.data[0]) if kinds[f.name] == "float32" else int(f.data[0])
+            return StandInPlugin(self.spec, values, self.plugins)
+
+    _CLASSES[id(trt)] = (StandInPlugin, StandInCreator)
+    return _CLASSES[id(trt)]
+
+
+def _tensorrt(trt=None):
+    """``trt``, or TensorRT-RTX imported after prepare_loader()."""
+    if trt is not None:
+        return trt
+    if _RTX_MODULE not in sys.modules:
+        prepare_loader()
+    from .env import import_tensorrt_rtx
+
+    return import_tensorrt_rtx()
+
+
+class Registration:
+    """The stand-in creators registered in one plugin registry; ``unregister()`` (or leaving a
+    ``with`` block) removes them. Until then they, and every plugin object made, stay alive."""
+
+    def __init__(self, registry, creators: list):
+        self.registry, self.creators = registry, creators
+
+    def unregister(self) -> None:
+        for c in self.creators:
+            self.registry.deregister_creator(c)
+        self.creators = []
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unregister()
+
+
+def register(trt=None, registry=None) -> Registration:
+    """Register the stand-ins for TokenMerge, TokenDrop and ThresholdMerge (namespace "edgetok",
+    version "1") in ``registry`` (default: ``trt``'s global plugin registry). ``trt`` defaults to
+    TensorRT-RTX, imported after ``prepare_loader()``. Raises PluginLoaderError when TensorRT-RTX's
+    parser would abort on a plugin node, or when edgetok plugins are registered already (the C++
+    library: then no stand-ins are needed)."""
+    trt = _tensorrt(trt)
+    if trt.__name__.split(".")[0] == _RTX_MODULE:
+        problem = loader_problem()
+        if problem is not None:
+            raise PluginLoaderError(problem)
+    registry = registry or trt.get_plugin_registry()
+    taken = [n for n in SPECS if registry.get_creator(n, VERSION, NAMESPACE) is not None]
+    if taken:
+        raise PluginLoaderError(f"edgetok plugins are already registered ({', '.join(taken)}; the C++ plugin "
+                                "library?); the build-time stand-ins are not needed")
+    _, creator_cls = _classes(trt)
+    creators = []
+    for spec in SPECS.values():
+        c = creator_cls(spec)
+        if not registry.register_creator(c, NAMESPACE):
+            for done in creators:
+                registry.deregister_creator(done)
+            raise PluginLoaderError(f"TensorRT refused to register the {spec.name} stand-in")
+        creators.append(c)
+    reg = Registration(registry, creators)
+    _LIVE.append(reg)
+    return reg
+
+
+def check_build(model, shapes: Optional[dict] = None, trt=None, keep_engine: bool = False) -> dict:
+    """Parse and build ``model`` (ONNX bytes, a path or a ModelProto) with the stand-ins; -> a report
+    {"plugin_layers": [{"name", "outputs": [(name, shape, dtype)]}], "layers": n, "engine_bytes": n}
+    (plus "engine": the serialized engine with ``keep_engine``; it records BUILD_CHECK_VERSION and
+    cannot run). ``shapes``: {input name: (min, opt, max)} for inputs with dynamic dimensions.
+    Raises BuildCheckError."""
+    trt = _tensorrt(trt)
+    with register(trt):
+        data = model.SerializeToString() if hasattr(model, "SerializeToString") else (
+            model if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes())
+        logger = trt.Logger(trt.Logger.ERROR)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(data):
+            raise BuildCheckError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+        config = builder.create_builder_config()  # TensorRT-RTX is strongly typed: fp16 = an fp16-typed graph
+        dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
+        if dynamic:
+            missing = [t.name for t in dynamic if t.name not in (shapes or {})]
+            if missing:
+                raise BuildCheckError(f"inputs with dynamic dimensions need shapes=(min, opt, max): {missing}")
+            profile = builder.create_optimization_profile()
+            for t in dynamic:
+                profile.set_shape(t.name, *shapes[t.name])
+            config.add_optimization_profile(profile)
+        plugin_layers = []
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type == trt.LayerType.PLUGIN_V3:
+                outs = [layer.get_output(j) for j in range(layer.num_outputs)]
+                plugin_layers.append({"name": layer.name,
+                                      "outputs": [(t.name, tuple(t.shape), str(t.dtype).rsplit(".", 1)[-1])
+                                                  for t in outs]})
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise BuildCheckError("the builder returned no engine (see TensorRT's log)")
+        report = {"plugin_layers": plugin_layers, "layers": network.num_layers, "engine_bytes": blob.nbytes}
+        if keep_engine:
+            report["engine"] = bytes(blob)
+        return report
