@@ -5,7 +5,7 @@
     fast = edgetok.apply(vit, "tome", r=8)
     edgetok.flops(fast, (3, 224, 224)).total
 """
-from . import ops  # noqa: F401  (registers the edgetok:: torch ops)
+from .ops import library as _ops  # noqa: F401  (registers the edgetok:: torch ops)
 from .plugins import register_cuda_kernels
 
 register_cuda_kernels()  # fused CUDA kernels for the ops where plugins/ is built; loads nothing until first use

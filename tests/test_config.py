@@ -5,7 +5,7 @@ import yaml
 from edgetok.config import ConfigError, VersionRange, list_configs, load_config
 
 SHIPPED = ["cpu-ort", "cuda-ort", "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "jetson-xavier",
-           "a100", "h100", "l4", "t4"]
+           "a100", "h100", "l4", "t4", "rtx"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -28,7 +28,7 @@ def test_device_facts():
     for c in (nano, nx, agx):
         assert (c.sm, c.cuda, c.target, c.plugin_api) == (87, "12.6", "trt", "IPluginV3")
         assert c.tensorrt.contains("10.3.0")
-    assert xavier.sm == 72 and xavier.plugin_api == "IPluginV2DynamicExt" and xavier.tensorrt.contains("8.5.2")
+    assert xavier.sm == 72 and xavier.plugin_api == "none" and not xavier.adaptive and xavier.target == "inlined" and xavier.tensorrt.contains("8.5.2")
     assert not xavier.tensorrt.contains("10.3")
 
 

@@ -193,3 +193,15 @@ def test_exporter_failure_leaves_nothing(tmp_path):
     with pytest.raises(ExportError, match="cannot handle this model"):
         export_model(DataDependent(), tmp_path / "out" / "m", input_shape=(3, 8, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", [a.family for a in ADAPTERS])
+def test_every_adapter_export_builds_in_tensorrt_rtx(family, method, precision, tmp_root):
+    """The same exports, built by TensorRT-RTX (a real TensorRT parser and builder) into an engine."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed: pip install 'edgetok[rtx]'")
+    from test_rtx_build import build_rtx
+
+    _, result = exported(family, method, tmp_root)
+    build_rtx(result.output_dir, precision)

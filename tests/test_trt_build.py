@@ -89,7 +89,7 @@ def test_build_bundle_per_config(plain, name, tmp_path, monkeypatch):
     bundle = r.path.parent
     assert os.access(r.path, os.X_OK) and (bundle / "model.onnx").exists()
     meta = json.loads((bundle / "build.json").read_text())
-    assert meta["config"]["name"] == name and meta["profile"]["max"][0] == cfg.batch.max
+    assert meta["config"]["name"] == name and meta["profile"]["images"]["max"][0] == cfg.batch.max
     text = r.path.read_text()
     assert f'WANT_SM="{cfg.sm}"' in text and "--saveEngine=engine.plan" in text
     reaches11 = cfg.tensorrt.max is None
@@ -157,7 +157,7 @@ def test_wrong_image_size_is_an_error(tmp_path):
     x = h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["batch", 3, "h", "w"])
     y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3, "h", "w"])
     onnx.save(h.make_model(h.make_graph([h.make_node("Relu", ["images"], ["y"])], "g", [x], [y])), str(d / "model.onnx"))
-    with pytest.raises(TargetMismatchError, match="fixed image size"):
+    with pytest.raises(TargetMismatchError, match="fixed sizes besides the batch"):
         BuildPlan.create(resolve(d), load_config("h100"))
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import manifest as _manifest
 from .exporter import (ExportError, ExportResult, INPUT_NAME, TOLERANCE, _export_mode, _value_spec, batch_dim, batch_profile,
-                       graph_fields, resolve_target, staged, trace, write_checked)
+                       graph_fields, refuse_adaptive, resolve_target, staged, trace, write_checked)
 
 STATE_INPUT = "prev_tokens"
 OUTPUTS = ("kept_tokens", "kept_idx", "kept_count", "tokens")
@@ -135,6 +135,7 @@ def export_dtd_step(model: nn.Module, output_dir, *, threshold: Optional[float] 
 
     step = progress or (lambda _msg: None)
     target, opset = resolve_target(target, opset, config)
+    refuse_adaptive(config, "dtd")
     stream = _stream(model, threshold).eval()
     dtd = DTDStep(stream).eval()
     info = adapter_for(stream.encoder).info(stream.encoder)
@@ -151,10 +152,10 @@ def export_dtd_step(model: nn.Module, output_dir, *, threshold: Optional[float] 
             proto = trace(dtd, (x, prev), [INPUT_NAME, STATE_INPUT], opset, OUTPUTS, dynamic)
         batches = [batch] if batch else [1, 2]
         check_fn = (lambda path: stream_parity(path, stream, shape, batches, tolerance)) if check_parity else None
-        proto, onnx_path, parity_result = write_checked(proto, tmp, target, check_fn, step,
+        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
                                                         f"ONNX Runtime CPU parity over a clip, batch {batches}")
         report = _flops_of(stream.encoder, shape)
-        fields = graph_fields(proto, onnx_path)
+        fields = graph_fields(proto, onnx_path, target)
         manifest = {
             "manifest_version": _manifest.MANIFEST_VERSION,
             "model": model_name or type(stream.encoder).__name__,

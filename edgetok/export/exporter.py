@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import EdgetokError
 from . import manifest as _manifest
+from .opset import EXPORTER_MIN_OPSET, downgrade
 from .targets import DOMAIN, TARGETS, apply_target
 
 INPUT_NAME = "pixel_values"
@@ -138,7 +139,7 @@ def trace(module: nn.Module, args: tuple, input_names: Sequence[str], opset: int
                 module,
                 args,
                 dynamo=True,
-                opset_version=opset,
+                opset_version=max(opset, EXPORTER_MIN_OPSET),  # below 18: converted by edgetok (opset.py)
                 input_names=list(input_names),
                 output_names=list(output_names) if output_names else None,
                 dynamic_shapes=dynamic_shapes,
@@ -151,7 +152,7 @@ def trace(module: nn.Module, args: tuple, input_names: Sequence[str], opset: int
         raise ExportError(f"the ONNX exporter cannot handle this model: {_first_line(e)}") from e
     from .. import __version__
 
-    proto = add_functions(program.model_proto)
+    proto = downgrade(add_functions(program.model_proto), opset)
     proto.producer_name, proto.producer_version = "edgetok", __version__
     return proto
 
@@ -292,10 +293,15 @@ def staged(output_dir: Path):
         raise
 
 
-def graph_fields(proto, onnx_path: Path) -> dict:
+def graph_fields(proto, onnx_path: Path, target: str) -> dict:
     """The manifest fields read off the written graph (see manifest.py)."""
+    from ..ops.spec import PLUGIN_OPS
+
     nodes = _edgetok_nodes(proto)
+    bodies = {f.name for f in proto.functions if f.domain == DOMAIN}
+    with_plugin = {n["op_type"] for n in nodes} & PLUGIN_OPS
     return {
+        "plugin_ops": sorted(with_plugin if target == "trt-override" else with_plugin - bodies),
         "edgetok_opset": 1 if nodes else None,
         "edgetok_ops": nodes,
         "function_bodies": sorted(f.name for f in proto.functions if f.domain == DOMAIN),
@@ -306,7 +312,7 @@ def graph_fields(proto, onnx_path: Path) -> dict:
     }
 
 
-def write_checked(proto, tmp: Path, target: str, parity_fn: Optional[Callable[[Path], dict]],
+def write_checked(proto, tmp: Path, target: str, opset: int, parity_fn: Optional[Callable[[Path], dict]],
                   step: Callable[[str], None], parity_what: str = "ONNX Runtime CPU parity"):
     """Rewrite the full-form ``proto`` for ``target``, save it as ``tmp``/model.onnx and
     check it (ONNX checker; ``parity_fn(path) -> dict`` in ONNX Runtime, on the full
@@ -325,6 +331,10 @@ def write_checked(proto, tmp: Path, target: str, parity_fn: Optional[Callable[[P
             parity_result = parity_fn(full) | {"checked_on": "portable"}
         full.unlink()
     proto = apply_target(proto, target)
+    written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise ExportError(f"the written graph has opset {written}, not the {opset} asked for; "
+                          "this is an edgetok defect: please report it")
     onnx.save(proto, str(onnx_path))
     step("ONNX checker (full check with shape inference)")
     check(onnx_path)
@@ -332,6 +342,13 @@ def write_checked(proto, tmp: Path, target: str, parity_fn: Optional[Callable[[P
         step(parity_what)
         parity_result = parity_fn(onnx_path) | {"checked_on": target}
     return proto, onnx_path, parity_result
+
+
+def refuse_adaptive(config, method: str) -> None:
+    """A data-dependent token count (dymu, dtd) cannot deploy on a config that says so."""
+    if config is not None and not config.adaptive:
+        raise ExportError(f"method {method} gives a data-dependent token count, which config {config.name!r} cannot "
+                          f"build ({config.description}); use a fixed-count method (tome, drop) for this device")
 
 
 def resolve_target(target: Optional[str], opset: Optional[int], config) -> tuple[str, int]:
@@ -388,13 +405,15 @@ def export_model(
                 raise
         shape = tuple(input_shape) if input_shape is not None else info.input_shape
         plan = getattr(model, "edgetok_plan", None)
+        if plan is not None and plan.adaptive:
+            refuse_adaptive(config, plan.method)
 
         step(f"tracing with torch.export (opset {opset})")
         proto = export_onnx(model, shape, opset, batch)
 
         batches = list(parity_batches or ([batch] if batch else [1, 4]))
         check_fn = (lambda path: parity(path, model, shape, batches, tolerance)) if check_parity else None
-        proto, onnx_path, parity_result = write_checked(proto, tmp, target, check_fn, step,
+        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
                                                         f"ONNX Runtime CPU parity, batch {batches}")
 
         report = _flops_of(model, shape) if info is not None else None
@@ -424,7 +443,7 @@ def export_model(
             "config": None if config is None else config.name,
             "parity": parity_result,
             "versions": _manifest.versions(),
-        } | graph_fields(proto, onnx_path)
+        } | graph_fields(proto, onnx_path, target)
         (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
         step(f"writing {output_dir}")
     return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
@@ -496,7 +515,7 @@ def export_family(
             proto = trace(wrapped, tuple(example.values()), names, opset, outputs, dynamic)
         batches = list(parity_batches or ([batch] if batch else [1, 2]))
         check_fn = (lambda path: family_parity(path, wrapped, family, size, batches, tolerance)) if check_parity else None
-        proto, onnx_path, parity_result = write_checked(proto, tmp, target, check_fn, step,
+        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
                                                         f"ONNX Runtime CPU parity, batch {batches}")
         manifest = {
             "manifest_version": _manifest.MANIFEST_VERSION,
@@ -516,7 +535,7 @@ def export_family(
             "config": None if config is None else config.name,
             "parity": parity_result,
             "versions": _manifest.versions(),
-        } | graph_fields(proto, onnx_path)
+        } | graph_fields(proto, onnx_path, target)
         (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
         step(f"writing {output_dir}")
     return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)

@@ -19,7 +19,11 @@ changes when one does). Fields:
 - ``target`` str, one of edgetok.export.TARGETS (portable, trt, trt-override, inlined).
 - ``edgetok_ops`` list of {``name``, ``op_type``, ``attributes``} for each
   edgetok node in graph order; ``function_bodies`` list of op types whose
-  body is in the file.
+  body is in the file; ``plugin_ops`` list of op types a TensorRT build
+  runs as edgetok plugins (the plugin library must be loaded): those without
+  a body (target trt), or every op with a plugin (target trt-override, which
+  TensorRT >= 10.15 resolves to the plugin). DiffDrop has no plugin and keeps
+  its body in every target.
 - ``input`` {``name``, ``shape``, ``dtype``}: shape is a list whose dynamic
   batch axis is the string ``"batch"`` (an int when exported with a fixed
   batch); dtype a numpy dtype name (``float32``).
@@ -70,7 +74,7 @@ MANIFEST_VERSION = 1
 
 FIELDS = (
     "manifest_version", "model", "family", "method", "params", "adaptive", "opset", "edgetok_opset", "target",
-    "edgetok_ops", "function_bodies", "input", "inputs", "outputs", "tokens", "flops", "preprocessing", "schedule", "stream",
+    "edgetok_ops", "function_bodies", "plugin_ops", "input", "inputs", "outputs", "tokens", "flops", "preprocessing", "schedule", "stream",
     "batch_profile",
     "config", "parity", "sha256", "versions",
 )

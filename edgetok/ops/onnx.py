@@ -208,7 +208,9 @@ def ThresholdMerge(x, metric, size, threshold: float, protect_first: int):
     pos = op.Cast(op.Range(op.Squeeze(zero), op.Squeeze(nc), op.Squeeze(one)), to=1)
     key = op.Where(cand_v, op.Neg(pos), op.Sub(op.Neg(pos), op.Cast(nc, to=1)))
     mmax, _ = op.TopK(op.Cast(count, to=1), one, axis=-1, largest=1, sorted=1)
-    mcount = op.Reshape(op.ReduceSum(op.Cast(mmax, to=7), keepdims=0), one)
+    # Min with the static token count: TensorRT must bound every shape, and a count read
+    # from data has no bound of its own ("checkVolume Assertion bound >= 0 failed")
+    mcount = op.Min(op.Reshape(op.ReduceSum(op.Cast(mmax, to=7), keepdims=0), one), nc)
     _, order = op.TopK(key, mcount, axis=-1, largest=1, sorted=1)
     order_i = op.Unsqueeze(order, last)
     keepmask = op.CastLike(op.GatherND(cand_v, order_i, batch_dims=1), x)
@@ -243,7 +245,7 @@ def DiffDrop(x, prev, threshold: float, protect_first: int):
     pos = op.Cast(pos_i, to=1)
     key = op.Where(keep, op.Neg(pos), op.Sub(op.Neg(pos), op.Cast(n, to=1)))
     mmax, _ = op.TopK(op.Cast(count, to=1), one, axis=-1, largest=1, sorted=1)
-    mcount = op.Reshape(op.ReduceSum(op.Cast(mmax, to=7), keepdims=0), one)
+    mcount = op.Min(op.Reshape(op.ReduceSum(op.Cast(mmax, to=7), keepdims=0), one), n)  # bounded for TensorRT
     _, order = op.TopK(key, mcount, axis=-1, largest=1, sorted=1)
     order_i = op.Unsqueeze(order, last)
     valid = op.GatherND(keep, order_i, batch_dims=1)
@@ -307,7 +309,7 @@ class OnnxOp:
 
     def function_proto(self, opset: int) -> onnx.FunctionProto:
         """The body as a model-local function, for a model of default-domain ``opset``."""
-        proto = self.body.to_function_proto()
+        proto = _scoped_names(self.body.to_function_proto())
         for imp in proto.opset_import:
             if imp.domain == "":
                 imp.version = opset
@@ -370,6 +372,24 @@ OPS: dict[str, OnnxOp] = {
         ),
     ]
 }
+
+
+def _scoped_names(proto: onnx.FunctionProto) -> onnx.FunctionProto:
+    """Every value a body computes gets one name of its own, prefixed by the op, and its nodes
+    are unnamed. TensorRT's graph compiler keeps body tensors by name: onnxscript calls every
+    discarded output ``_`` (two TopKs in one body collide: "duplicate tensor name") and names
+    nodes n0, n1, ... in every body alike ("node named n95 already exists"); an unnamed node
+    gets a unique name from the parser."""
+    formal = set(proto.input) | set(proto.output)
+    renamed: dict[str, str] = {}
+    for i, node in enumerate(proto.node):
+        node.name = ""
+        for j, name in enumerate(node.input):
+            node.input[j] = renamed.get(name, name)
+        for j, name in enumerate(node.output):
+            if name and name not in formal:
+                node.output[j] = renamed[name] = f"{proto.name}__{name if name != '_' else 'unused'}_{i}_{j}"
+    return proto
 
 
 def custom_translation_table() -> dict:

@@ -64,6 +64,8 @@ class Artifacts:
         return str(self.manifest.get("model") or (self.onnx or self.engine or self.root).stem)
 
     def inputs(self) -> list[TensorSpec]:
+        if self.manifest.get("inputs"):
+            return [_spec(d) for d in self.manifest["inputs"]]
         if self.manifest.get("input"):
             return [_spec(self.manifest["input"])]
         if self.engine_manifest.get("inputs"):

@@ -1,10 +1,15 @@
 """Build a TensorRT engine from an export with the TensorRT Python API.
 
-``build(path, config)`` is the one entry: when TensorRT is installed it builds
-(or reuses) ``engine.plan`` + ``engine.json``; when it is not, it writes a
-self-contained device build script instead (script.py) and says so. An engine
-is rebuilt only when its build key changes: the ONNX sha256, the config, the
-TensorRT version, the GPU and the plugin library.
+``build(path, config)`` is the one entry. For a TensorRT config: when TensorRT
+is installed it builds (or reuses) ``engine.plan`` + ``engine.json``; when it is
+not, it writes a self-contained device build script instead (script.py) and
+says so. For a TensorRT-RTX config (runtime ``tensorrt-rtx``) it builds
+``engine.rtx.plan`` + ``engine.rtx.json`` ahead of time, on a machine without
+a GPU. Both go through ``compile_engine`` (the builder APIs are the same) and
+record a build report (parser warnings, layers by type, bytes, seconds,
+precision, profiles). An engine is rebuilt only when its build key changes: the
+ONNX sha256, the config, the TensorRT version, the GPU(s) and the plugin
+library.
 """
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ from typing import Optional
 
 from ..errors import EdgetokError
 from ..runtime.artifacts import ENGINE_NAME, engine_manifest_path, read_json, resolve, sha256_file, write_atomic, write_json
-from .env import GpuInfo, gpu_info, import_tensorrt, plugin_library, tensorrt_version
+from .env import (GpuInfo, gpu_info, import_tensorrt, import_tensorrt_rtx, plugin_library, tensorrt_rtx_version,
+                  tensorrt_version)
 from .manifest import make_manifest
-from .plan import BuildPlan, TargetMismatchError, sm_name
+from .plan import BuildPlan, TargetMismatchError, sm_name, strongly_typed
+
+RTX_ENGINE_NAME = "engine.rtx.plan"  # not engine.plan: TensorRT's runtime cannot load a TensorRT-RTX engine
 
 
 class BuildError(EdgetokError, RuntimeError):
@@ -77,6 +85,8 @@ def build(
     art = resolve(path)
     plan = BuildPlan.create(art, config, dla_core)
     out_dir = Path(output) if output else art.root
+    if config.runtime == "tensorrt-rtx":
+        return _build_rtx(plan, out_dir, force)
     trt_version = tensorrt_version()
     if trt_version is None:
         from .script import write_build_bundle
@@ -99,20 +109,61 @@ def build(
     lib_sha = sha256_file(lib) if lib else None
     key = plan.build_key(trt_version, gpu.to_dict() if gpu else None, lib_sha)
     engine = out_dir / ENGINE_NAME
+    cached = _cached(engine, key, force)
+    if cached is not None:
+        return cached
+    cache = Path(timing_cache) if timing_cache else default_timing_cache(gpu, trt_version)
+    cast, _, notes = plan.precision_for(trt_version)
+    data, report = compile_engine(import_tensorrt(), plan, cast, strongly_typed(trt_version), lib=lib, cache=cache)
+    write_atomic(engine, data)
+    manifest = make_manifest(
+        plan, key, trt_version, gpu, {"path": str(lib), "sha256": lib_sha} if lib else None, cast, notes, str(cache)
+    ) | {"build": report}
+    write_json(engine_manifest_path(engine), manifest)
+    return BuildResult("engine", engine, manifest, f"built {engine} ({len(data) / 2**20:.1f} MiB)")
+
+
+def _cached(engine: Path, key: str, force: bool) -> Optional[BuildResult]:
     mpath = engine_manifest_path(engine)
     if not force and engine.exists() and mpath.exists():
         old = read_json(mpath)
         if old.get("build_key") == key:
             return BuildResult("cached", engine, old, f"{engine} is up to date (build key {key[:12]})")
-    cache = Path(timing_cache) if timing_cache else default_timing_cache(gpu, trt_version)
-    cast, _, notes = plan.precision_for(trt_version)
-    data = _build_serialized(plan, trt_version, cast, lib, cache)
+    return None
+
+
+def _build_rtx(plan: BuildPlan, out_dir: Path, force: bool) -> BuildResult:
+    """TensorRT-RTX builds ahead of time, without a GPU, for the config's compute capabilities;
+    the engine runs on those RTX GPUs with TensorRT-RTX's runtime (not TensorRT's)."""
+    cfg = plan.config
+    version = tensorrt_rtx_version()
+    trt = import_tensorrt_rtx()  # fails naming the `rtx` extra when missing
+    if not cfg.tensorrt.contains(version):
+        raise TargetMismatchError(f"config {cfg.name!r} is for TensorRT-RTX {cfg.tensorrt}, this machine has "
+                                  f"TensorRT-RTX {version}; install a matching version or change the config's range")
+    caps = list(cfg.compute_capabilities or [])
+    key = plan.build_key(f"rtx-{version}", {"compute_capabilities": caps}, None)
+    engine = out_dir / RTX_ENGINE_NAME
+    cached = _cached(engine, key, force)
+    if cached is not None:
+        return cached
+    cast, notes = plan.typed_precision()
+
+    def target(config):
+        if caps:
+            config.num_compute_capabilities = len(caps)
+            for i, cc in enumerate(caps):
+                config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{cc}"), i)
+
+    data, report = compile_engine(trt, plan, cast, True, configure=target)
     write_atomic(engine, data)
-    manifest = make_manifest(
-        plan, key, trt_version, gpu, {"path": str(lib), "sha256": lib_sha} if lib else None, cast, notes, str(cache)
-    )
-    write_json(mpath, manifest)
-    return BuildResult("engine", engine, manifest, f"built {engine} ({len(data) / 2**20:.1f} MiB)")
+    manifest = make_manifest(plan, key, version, None, None, cast, notes, None) | {
+        "runtime": "tensorrt-rtx", "compute_capabilities": caps, "build": report}
+    write_json(engine_manifest_path(engine), manifest)
+    return BuildResult("engine", engine, manifest,
+                       f"built {engine} with TensorRT-RTX {version} for sm_{', sm_'.join(map(str, caps)) or 'default'} "
+                       f"({report['engine_bytes'] / 2**20:.1f} MiB, {report['layers']} layers, "
+                       f"{report['build_seconds']:.1f} s); it runs on those RTX GPUs with the TensorRT-RTX runtime")
 
 
 def _onnx_for_build(plan: BuildPlan, cast: Optional[str], tmp: Path) -> Path:
@@ -128,11 +179,25 @@ def _onnx_for_build(plan: BuildPlan, cast: Optional[str], tmp: Path) -> Path:
     return out
 
 
-def _build_serialized(plan: BuildPlan, trt_version: str, cast: Optional[str], lib: Optional[Path], cache: Path) -> bytes:
-    trt = import_tensorrt()
-    from .plan import strongly_typed
+def _logger(trt):
+    """A TensorRT logger that keeps warnings and errors for the build report."""
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    class Collecting(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.warnings: list[str] = []
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(msg)
+
+    return Collecting()
+
+
+def _parse(trt, builder, logger, plan: BuildPlan, cast: Optional[str], strong: bool, lib: Optional[Path]):
     if lib is not None:
         trt.init_libnvinfer_plugins(logger, "")
         registry = trt.get_plugin_registry()
@@ -142,11 +207,10 @@ def _build_serialized(plan: BuildPlan, trt_version: str, cast: Optional[str], li
             import ctypes
 
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    builder = trt.Builder(logger)
     flags = 0
-    if strongly_typed(trt_version) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+    if strong and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and trt_version.startswith("8."):
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and trt.__version__.startswith("8."):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -156,14 +220,31 @@ def _build_serialized(plan: BuildPlan, trt_version: str, cast: Optional[str], li
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             hint = " (is the edgetok plugin library loaded?)" if plan.needs_plugin else ""
             raise BuildError(f"TensorRT could not parse {plan.onnx}: {errors}{hint}")
+    return network, parser
+
+
+def compile_engine(trt, plan: BuildPlan, cast: Optional[str], strong: bool, lib: Optional[Path] = None,
+                   cache: Optional[Path] = None, configure=None) -> tuple[bytes, dict]:
+    """Parse and build ``plan`` with the TensorRT module ``trt`` (TensorRT or TensorRT-RTX: the
+    builder APIs are the same). -> (serialized engine, build report)."""
+    import collections
+    import time
+
+    start = time.perf_counter()
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network, _parser = _parse(trt, builder, logger, plan, cast, strong, lib)
+    parser_warnings = list(logger.warnings)
+    layer_types = collections.Counter(str(network.get_layer(i).type).rsplit(".", 1)[-1]
+                                      for i in range(network.num_layers))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.config.workspace_mib << 20)
-    if plan.input.batch_dynamic:
+    if plan.batch_dynamic:
         profile = builder.create_optimization_profile()
-        shapes = plan.profile()
-        profile.set_shape(plan.input.name, shapes["min"], shapes["opt"], shapes["max"])
+        for name, shapes in plan.profile().items():
+            profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(profile)
-    if not strongly_typed(trt_version):
+    if not strong:
         p = plan.config.precision
         if p in ("fp16", "best"):
             config.set_flag(trt.BuilderFlag.FP16)
@@ -173,11 +254,29 @@ def _build_serialized(plan: BuildPlan, trt_version: str, cast: Optional[str], li
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    blob = cache.read_bytes() if cache.exists() else b""
-    timing = config.create_timing_cache(blob)
-    config.set_timing_cache(timing, ignore_mismatch=False)
+    if configure is not None:
+        configure(config)
+    if cache is not None:
+        blob = cache.read_bytes() if cache.exists() else b""
+        config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BuildError(f"TensorRT failed to build an engine from {plan.onnx}; see the TensorRT log above")
-    write_atomic(cache, bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
+        detail = "; ".join(logger.errors[-3:]) or "no error message from TensorRT"
+        raise BuildError(f"TensorRT failed to build an engine from {plan.onnx}: {detail}")
+    if cache is not None:
+        write_atomic(cache, bytes(config.get_timing_cache().serialize()))
+    data = bytes(serialized)
+    report = {
+        "parser_warnings": len(parser_warnings),
+        "parser_warning_examples": sorted(set(parser_warnings))[:5],
+        "build_warnings": len(logger.warnings) - len(parser_warnings),
+        "layers": network.num_layers,
+        "layers_by_type": dict(sorted(layer_types.items())),
+        "engine_bytes": len(data),
+        "build_seconds": round(time.perf_counter() - start, 2),
+        "precision": plan.config.precision,
+        "cast": cast,
+        "strongly_typed": strong,
+        "profiles": {name: {k: list(v) for k, v in p.items()} for name, p in plan.profile().items()},
+    }
+    return data, report

@@ -24,7 +24,11 @@ def _convert_tensor(t, elem):
         return t
     arr = numpy_helper.to_array(t)
     if elem == TensorProto.FLOAT16:
-        new = numpy_helper.from_array(arr.astype(np.float16), t.name)
+        # finite values beyond fp16's range (a -3.4e38 mask fill) saturate instead of turning into inf,
+        # which would make 0 * inf = NaN where the float32 graph had a finite product
+        lim = np.finfo(np.float16).max
+        new = numpy_helper.from_array(np.where(np.isfinite(arr), np.clip(arr, -lim, lim), arr).astype(np.float16),
+                                      t.name)
     else:
         import onnx.helper as h
 
@@ -47,7 +51,10 @@ def _cast_nodes(nodes, elem, is_float_output):
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
                     a.t.CopyFrom(_convert_tensor(a.t, elem))
-        elif node.op_type == "Constant" and is_float_output(node):
+        elif node.op_type == "Constant" and _literal_tensor(node):
+            value = next(a for a in node.attribute if a.name == "value")
+            value.t.CopyFrom(_convert_tensor(value.t, elem))
+        elif node.op_type == "Constant" and is_float_output(node):  # a function attribute: cast at run time
             orig = node.output[0]
             node.output[0] = f"{orig}__f32"
             out.append(node)
@@ -58,6 +65,14 @@ def _cast_nodes(nodes, elem, is_float_output):
                 _cast_graph(a.g, elem, keep_io=False)
         out.append(node)
     return out
+
+
+def _literal_tensor(node) -> bool:
+    """A Constant holding a float32 tensor literal (converted in place, saturating like initializers)."""
+    from onnx import TensorProto
+
+    return any(a.name == "value" and not a.ref_attr_name and a.t.data_type == TensorProto.FLOAT
+               for a in node.attribute)
 
 
 def _constant_is_float(node) -> bool:

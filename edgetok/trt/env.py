@@ -50,6 +50,33 @@ def import_tensorrt():
     return tensorrt
 
 
+RTX_MODULE = "tensorrt_rtx_bindings"
+RTX_DISTS = ("tensorrt-rtx-cu12-bindings", "tensorrt-rtx-cu13-bindings")
+
+
+def tensorrt_rtx_version() -> Optional[str]:
+    """Installed TensorRT-RTX Python bindings version, without importing them (None when absent)."""
+    if importlib.util.find_spec(RTX_MODULE) is None:
+        return None
+    for dist in RTX_DISTS:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return import_tensorrt_rtx().__version__
+
+
+def import_tensorrt_rtx():
+    """``import tensorrt_rtx_bindings`` with a message naming the extra when it is missing."""
+    try:
+        return importlib.import_module(RTX_MODULE)
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"TensorRT-RTX is not installed ({e}); install it with `pip install 'edgetok[rtx]'` "
+            "(the wheels tensorrt-rtx-cu12-libs and tensorrt-rtx-cu12-bindings; no GPU needed to build)"
+        ) from None
+
+
 def gpu_info() -> Optional[GpuInfo]:
     """The first CUDA GPU (torch when it sees one, else nvidia-smi), or None."""
     try:

@@ -29,7 +29,8 @@ def make_manifest(plan, key: str, trt_version: str, gpu: Optional[GpuInfo], plug
         "config": {"name": plan.config.name, "sha256": plan.config_hash(), "precision": plan.config.precision,
                    "target": plan.config.target, "sm": plan.config.sm},
         "onnx": {"path": plan.onnx.name, "sha256": plan.onnx_sha256, "cast": cast},
-        "inputs": [{**plan.input.to_dict(), "profile": {k: list(v) for k, v in plan.profile().items()}}],
+        "inputs": [{**spec.to_dict(), "profile": {k: list(v) for k, v in plan.profile()[spec.name].items()}}
+                   for spec in plan.inputs],
         "outputs": [o.to_dict() for o in plan.outputs],
         "plugin": plugin,
         "dla_core": plan.dla_core,

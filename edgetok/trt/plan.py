@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import EdgetokError
+from ..ops.spec import ADAPTIVE_OPS, PLUGIN_OPS
 from ..runtime.artifacts import Artifacts, TensorSpec, sha256_file
 
 DOMAIN = "edgetok"
@@ -51,6 +52,27 @@ def edgetok_ops(onnx_path: Path) -> tuple[set[str], set[str]]:
     return nodes, bodies
 
 
+
+
+def _form(nodes: set[str], bodies: set[str], export_target: Optional[str]) -> str:
+    """What the graph is, read off it: trt (a node without a body), portable/trt-override, or inlined."""
+    if nodes - bodies:
+        return "trt"
+    if nodes:
+        return export_target if export_target in ("portable", "trt-override", "trt") else "portable"
+    return "inlined"
+
+
+def _check_adaptive(art: Artifacts, config, nodes: set[str]) -> None:
+    adaptive = nodes & ADAPTIVE_OPS or art.manifest.get("adaptive") or art.manifest.get("method") in ("dymu", "dtd")
+    if adaptive and not config.adaptive:
+        raise TargetMismatchError(
+            f"{art.onnx} reduces to a data-dependent token count ({art.manifest.get('method') or ', '.join(sorted(nodes & ADAPTIVE_OPS))}), "
+            f"which config {config.name!r} cannot build ({config.description}); use a fixed-count method "
+            "(tome, drop) for this device"
+        )
+
+
 @dataclass
 class BuildPlan:
     """One engine build: the ONNX, its input, the config's profile and precision."""
@@ -58,7 +80,7 @@ class BuildPlan:
     onnx: Path
     onnx_sha256: str
     config: object  # edgetok.config.ExportConfig
-    input: TensorSpec
+    inputs: list  # TensorSpec per graph input; a symbolic axis 0 is the batch
     outputs: list
     needs_plugin: bool
     export_target: Optional[str]
@@ -69,40 +91,40 @@ class BuildPlan:
     def create(cls, art: Artifacts, config, dla_core: Optional[int] = None) -> "BuildPlan":
         if art.onnx is None:
             raise EdgetokError(f"{art.root}: no ONNX model to build from; run `edgetok export` first")
-        if config.runtime != "tensorrt":
+        if not config.runtime.startswith("tensorrt"):
             raise TargetMismatchError(
                 f"config {config.name!r} is for {config.runtime}, not TensorRT; pick a TensorRT config "
-                "(jetson-orin-nano, jetson-agx-orin, h100, a100, l4, t4, ...)"
+                "(rtx, jetson-orin-nano, jetson-agx-orin, h100, a100, l4, t4, ...)"
             )
         inputs = art.inputs()
-        if len(inputs) != 1:
-            raise EdgetokError(f"{art.onnx}: expected one image input, found {[i.name for i in inputs]}")
-        spec = inputs[0]
-        if len(spec.shape) != 4 or not all(isinstance(d, int) for d in spec.shape[1:]):
-            raise TargetMismatchError(
-                f"{art.onnx}: input {spec.name} has shape {spec.shape}; engines need [batch, C, H, W] with a fixed "
-                "image size: export the model for the image size you deploy"
-            )
+        for spec in inputs:
+            if not spec.shape or not all(isinstance(d, int) for d in spec.shape[1:]):
+                raise TargetMismatchError(
+                    f"{art.onnx}: input {spec.name} has shape {spec.shape}; engines need fixed sizes besides the "
+                    "batch axis: export the model for the image (or sequence) size you deploy"
+                )
         nodes, bodies = edgetok_ops(art.onnx)
+        _check_adaptive(art, config, nodes)
         export_target = art.manifest.get("target")
-        if nodes - bodies:
-            form = "trt"
-        elif nodes:
-            form = export_target if export_target in ("portable", "trt-override") else "portable"
-        else:
-            form = "inlined"
-        if form != config.target and form != "inlined":
+        form = _form(nodes, bodies, export_target)
+        if config.runtime == "tensorrt-rtx":
+            if nodes - bodies:
+                raise TargetMismatchError(
+                    f"{art.onnx} has edgetok nodes without a body ({', '.join(sorted(nodes - bodies))}): TensorRT-RTX "
+                    f"cannot load the edgetok plugins (docs/deploy.md); re-export with `edgetok export ... "
+                    f"--config {config.name}`"
+                )
+        elif form != config.target and form != "inlined":
             raise TargetMismatchError(
                 f"{art.onnx} is a {form!r} export but config {config.name!r} wants target {config.target!r} "
                 f"(its TensorRT {config.tensorrt} would {'inline the function bodies instead of using the plugin' if config.target == 'trt' else 'need the function bodies or the plugin'}); "
                 f"re-export with `edgetok export ... --config {config.name}`"
             )
-        if not spec.batch_dynamic:
-            batch = spec.shape[0]
-            if not (config.batch.min <= batch <= config.batch.max):
+        for spec in inputs:
+            if not spec.batch_dynamic and not (config.batch.min <= spec.shape[0] <= config.batch.max):
                 raise TargetMismatchError(
-                    f"{art.onnx} has a fixed batch of {batch}, outside config {config.name!r}'s batch profile "
-                    f"{config.batch.min}..{config.batch.max}; export with a dynamic batch"
+                    f"{art.onnx} has a fixed batch of {spec.shape[0]}, outside config {config.name!r}'s batch "
+                    f"profile {config.batch.min}..{config.batch.max}; export with a dynamic batch"
                 )
         if dla_core is not None:
             if not config.dla_cores:
@@ -113,17 +135,26 @@ class BuildPlan:
                 raise TargetMismatchError(f"--dla-core {dla_core}: config {config.name!r} has DLA cores 0..{config.dla_cores - 1}")
             if config.precision == "fp32":
                 raise TargetMismatchError("DLA runs fp16 or int8 only; use a config with precision fp16 for --dla-core")
-        needs_plugin = bool(nodes - bodies) or (bool(nodes) and config.target == "trt-override")
-        return cls(art.onnx, sha256_file(art.onnx), config, spec, art.outputs(), needs_plugin, export_target, dla_core)
+        needs_plugin = config.runtime == "tensorrt" and (
+            bool(nodes - bodies) or (bool(nodes & PLUGIN_OPS) and config.target == "trt-override"))
+        return cls(art.onnx, sha256_file(art.onnx), config, inputs, art.outputs(), needs_plugin, export_target,
+                   dla_core)
 
     # -- shapes -----------------------------------------------------------
-    def profile(self) -> dict[str, tuple[int, ...]]:
-        """min/opt/max input shapes (all equal to the fixed batch when the input's batch is static)."""
+    @property
+    def batch_dynamic(self) -> bool:
+        return any(i.batch_dynamic for i in self.inputs)
+
+    def profile(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """input name -> min/opt/max shape (all equal to the fixed shape when its batch is static)."""
         b = self.config.batch
-        if not self.input.batch_dynamic:
-            fixed = tuple(self.input.shape)
-            return {"min": fixed, "opt": fixed, "max": fixed}
-        return {k: self.input.with_batch(getattr(b, k)) for k in ("min", "opt", "max")}
+        out = {}
+        for spec in self.inputs:
+            if spec.batch_dynamic:
+                out[spec.name] = {k: spec.with_batch(getattr(b, k)) for k in ("min", "opt", "max")}
+            else:
+                out[spec.name] = {k: tuple(spec.shape) for k in ("min", "opt", "max")}
+        return out
 
     # -- precision --------------------------------------------------------
     def precision_for(self, trt_version: str) -> tuple[Optional[str], list[str], list[str]]:
@@ -145,6 +176,19 @@ class BuildPlan:
             return None, ["--fp16"], []
         note = "int8 without a calibration cache uses placeholder scales: fine for latency, not for accuracy"
         return None, ["--int8"] if p == "int8" else ["--best"], [note]
+
+    def typed_precision(self) -> tuple[Optional[str], list[str]]:
+        """(dtype to cast the ONNX to or None, notes) for a strongly typed builder (TensorRT-RTX)."""
+        p = self.config.precision
+        if p == "int8":
+            raise TargetMismatchError(
+                f"config {self.config.name!r} asks for int8 but {self.config.runtime} builds strongly typed "
+                "networks: int8 needs a Q/DQ-quantized ONNX; use precision fp16 or fp32"
+            )
+        if p == "fp32":
+            return None, []
+        notes = ["best under a strongly typed builder means fp16"] if p == "best" else []
+        return "float16", notes + ["model cast to float16 (strongly typed: the ONNX types carry the precision)"]
 
     # -- identity ---------------------------------------------------------
     def config_hash(self) -> str:
@@ -178,10 +222,10 @@ class BuildPlan:
         """argv of trtexec building this plan's engine with that TensorRT version."""
         _, flags, _ = self.precision_for(trt_version)
         args = ["trtexec", f"--onnx={onnx or self.onnx}", f"--saveEngine={engine}"]
-        if self.input.batch_dynamic:
+        if self.batch_dynamic:
+            profile = self.profile()
             for key, flag in (("min", "--minShapes"), ("opt", "--optShapes"), ("max", "--maxShapes")):
-                dims = "x".join(map(str, self.profile()[key]))
-                args.append(f"{flag}={self.input.name}:{dims}")
+                args.append(f"{flag}=" + ",".join(f"{name}:{'x'.join(map(str, p[key]))}" for name, p in profile.items()))
         args += flags
         args.append(f"--memPoolSize=workspace:{self.config.workspace_mib}M")
         if timing_cache:

@@ -103,13 +103,13 @@ def write_build_bundle(plan: BuildPlan, bundle: Path, plugin_lib: Optional[Path]
                         ignore=shutil.ignore_patterns("build", "build-*", "*.o", "*.so"))
     plugins_hash = _hash_tree(bundle / "plugins") if (bundle / "plugins").exists() else None
     input_key = hashlib.sha256(f"{plan.onnx_sha256} {plan.config_hash()} {plugins_hash} {plan.dla_core}".encode()).hexdigest()
-    profile = {k: list(v) for k, v in plan.profile().items()}
+    profile = {name: {k: list(v) for k, v in p.items()} for name, p in plan.profile().items()}
     write_json(bundle / "build.json", {
         "schema": "edgetok.build-bundle/1",
         "config": cfg.to_dict(),
         "config_sha256": plan.config_hash(),
         "onnx": {"path": "model.onnx", "sha256": plan.onnx_sha256},
-        "input": plan.input.to_dict(),
+        "inputs": [i.to_dict() for i in plan.inputs],
         "profile": profile,
         "outputs": [o.to_dict() for o in plan.outputs],
         "needs_plugin": plan.needs_plugin,
@@ -135,8 +135,8 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         f"# Build the TensorRT engine for config {cfg.name!r} ({cfg.description}).",
         f"# Written by edgetok {__version__} on a machine without TensorRT; run it on the device:",
         f"#   bash {SCRIPT}            (env: TRTEXEC, EDGETOK_PLUGIN_LIBRARY, TIMING_CACHE, FORCE=1)",
-        f"# Input {plan.input.name}: min {profile['min']} opt {profile['opt']} max {profile['max']}; "
-        f"precision {cfg.precision}; workspace {cfg.workspace_mib} MiB.",
+        *[f"# Input {name}: min {p['min']} opt {p['opt']} max {p['max']}" for name, p in profile.items()],
+        f"# Precision {cfg.precision}; workspace {cfg.workspace_mib} MiB.",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
         'die() { echo "error: $*" >&2; exit 1; }',
@@ -205,7 +205,7 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         "except Exception:",
         "    name = open('/proc/device-tree/model').read().strip('\\0') if __import__('os').path.exists('/proc/device-tree/model') else 'unknown'",
         "m.update(schema='edgetok.engine/1', tensorrt=sys.argv[1], gpu={'name': name, 'sm': int(sys.argv[2])},",
-        "         inputs=[dict(m['input'], profile=m['profile'])])",
+        "         inputs=[dict(i, profile=m['profile'][i['name']]) for i in m['inputs']])",
         "json.dump(m, open('engine.json.tmp', 'w'), indent=2)",
         "PY",
         "then mv engine.json.tmp engine.json",
