@@ -51,6 +51,9 @@ def test_config_export_keeps_its_promises(name, tmp_path, capsys):
         assert main(["build", str(out), "--config", name]) == 0
         meta = json.loads((out / "trt_build" / "build.json").read_text())
         assert meta["needs_plugin"] == bool(m["plugin_ops"]) and meta["config"]["name"] == name
+        if HAVE_RTX:  # the graph, plugin nodes through the build-time stand-ins, parsed and built here
+            check = meta["rtx_build_check"]
+            assert check["ok"] and check["plugin_layers"] == (2 if m["plugin_ops"] else 0), check
     if HAVE_RTX and not m["plugin_ops"]:
         rtx = load_config("rtx").model_copy(update={"compute_capabilities": (86,), "precision": "fp32"})
         from edgetok.trt import build

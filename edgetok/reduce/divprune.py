@@ -33,22 +33,29 @@ from .scored import cosine, keep_counts, with_prefix
 
 def divprune_score(feats: torch.Tensor, picks: int) -> torch.Tensor:
     """Greedy max-min diversity over ``feats`` [B,M,C]: a score [B,M] whose top
-    ``picks`` entries are the picked tokens (earlier pick = higher score), others 0."""
+    ``picks`` entries are the picked tokens (earlier pick = higher score), others 0.
+
+    Written for a short unrolled graph (the loop unrolls under export, one copy per
+    pick: 169 copies for ViT-Ti at keep 0.5): per pick an ArgMax, the picked token's
+    distance row as a one-hot MatMul, a Min and a Where that sets picked tokens to -inf;
+    the picks become the score once, after the loop."""
     b, m, _ = feats.shape
     dist = 1.0 - cosine(feats, feats)
-    eye = torch.eye(m, dtype=torch.bool, device=feats.device)
-    min_dist = dist.masked_fill(eye, float("inf")).amin(dim=-1)  # distance to the nearest other token
     pos = torch.arange(m, device=feats.device)
-    picked = torch.zeros(b, m, dtype=torch.bool, device=feats.device)
-    score = torch.zeros(b, m, dtype=torch.float32, device=feats.device)
-    for step in range(picks):  # static count: unrolls under export
-        i = min_dist.masked_fill(picked, float("-inf")).argmax(dim=-1, keepdim=True)  # [B,1]
-        hit = pos[None, :] == i
-        score = score + hit.to(score.dtype) * float(picks - step)
-        picked = picked | hit
-        row = dist.gather(1, i[..., None].expand(-1, 1, m))[:, 0]
-        min_dist = row if step == 0 else torch.minimum(min_dist, row)
-    return score
+    eye = pos[:, None] == pos[None, :]
+    min_dist = dist.masked_fill(eye, float("inf")).amin(dim=-1, keepdim=True).transpose(1, 2)  # [B,1,M]
+    chosen = []
+    for step in range(picks):
+        i = min_dist.argmax(dim=-1, keepdim=True)  # [B,1,1], first index on ties
+        hit = pos == i  # [B,1,M]
+        row = hit.to(dist.dtype) @ dist  # the picked token's distances, [B,1,M]
+        min_dist = torch.where(hit, float("-inf"), row if step == 0 else torch.minimum(min_dist, row))
+        chosen.append(i)
+    if not chosen:
+        return feats.new_zeros(b, m)
+    order = torch.cat(chosen, dim=1)  # [B,picks,1], pick order
+    weight = torch.arange(picks, 0, -1, device=feats.device, dtype=feats.dtype)[None, :, None]
+    return ((pos == order).to(feats.dtype) * weight).sum(dim=1)
 
 
 class DivPruneDrop(TokenDrop):

@@ -97,11 +97,12 @@ def build(
                 lib = plugin_library(plugin_lib)
             except EdgetokError:
                 lib = None  # the script builds the plugin on the device
-        script = write_build_bundle(plan, out_dir / "trt_build", plugin_lib=lib)
+        check = rtx_build_check(plan)
+        script = write_build_bundle(plan, out_dir / "trt_build", plugin_lib=lib, rtx_check=check)
         return BuildResult(
             "script", script, read_json(script.parent / "build.json"),
             f"TensorRT is not installed here: wrote {script}; copy {script.parent} to the device and run "
-            f"`bash {script.name}` there (it builds the plugins and runs trtexec)",
+            f"`bash {script.name}` there (it builds the plugins and runs trtexec)" + _check_note(check),
         )
     gpu = gpu_info()
     check_machine(plan, trt_version, gpu)
@@ -121,6 +122,35 @@ def build(
     ) | {"build": report}
     write_json(engine_manifest_path(engine), manifest)
     return BuildResult("engine", engine, manifest, f"built {engine} ({len(data) / 2**20:.1f} MiB)")
+
+
+def rtx_build_check(plan: BuildPlan) -> Optional[dict]:
+    """Where TensorRT-RTX is installed: parse and build the plan's graph with it (TensorRT's parser
+    and graph compiler), plugin nodes through the build-time stand-ins (pyplugins), and discard the
+    engine. Evidence that the device build will parse, not proof (another TensorRT version).
+    -> {"ok", "tensorrt_rtx", "layers", "plugin_layers", "build_seconds"} or {"ok": False, "error"}; None
+    when TensorRT-RTX is missing."""
+    version = tensorrt_rtx_version()
+    if version is None:
+        return None
+    from .pyplugins import PluginLoaderError
+
+    try:
+        cast = plan.typed_precision()[0] if plan.config.precision != "int8" else None
+        _, report = compile_engine(import_tensorrt_rtx(), plan, cast, True, stand_ins=plan.needs_plugin)
+    except (BuildError, PluginLoaderError) as e:
+        return {"ok": False, "tensorrt_rtx": version, "error": str(e)}
+    return {"ok": True, "tensorrt_rtx": version, "layers": report["layers"],
+            "plugin_layers": report["layers_by_type"].get("PLUGIN_V3", 0), "build_seconds": report["build_seconds"]}
+
+
+def _check_note(check: Optional[dict]) -> str:
+    if check is None:
+        return ""
+    if check["ok"]:
+        return (f"; TensorRT-RTX {check['tensorrt_rtx']} parsed and built this graph here ({check['layers']} layers, "
+                f"{check['plugin_layers']} edgetok plugin layers through build-time stand-ins; no engine kept)")
+    return f"; WARNING: TensorRT-RTX {check['tensorrt_rtx']} could not build this graph: {check['error']}"
 
 
 def _cached(engine: Path, key: str, force: bool) -> Optional[BuildResult]:
@@ -224,9 +254,19 @@ def _parse(trt, builder, logger, plan: BuildPlan, cast: Optional[str], strong: b
 
 
 def compile_engine(trt, plan: BuildPlan, cast: Optional[str], strong: bool, lib: Optional[Path] = None,
-                   cache: Optional[Path] = None, configure=None) -> tuple[bytes, dict]:
+                   cache: Optional[Path] = None, configure=None, stand_ins: bool = False) -> tuple[bytes, dict]:
     """Parse and build ``plan`` with the TensorRT module ``trt`` (TensorRT or TensorRT-RTX: the
-    builder APIs are the same). -> (serialized engine, build report)."""
+    builder APIs are the same); ``stand_ins``: the edgetok plugin nodes through pyplugins' build-time
+    stand-ins (the engine cannot run). -> (serialized engine, build report)."""
+    import contextlib
+
+    from .pyplugins import register
+
+    with register(trt) if stand_ins else contextlib.nullcontext():
+        return _compile(trt, plan, cast, strong, lib, cache, configure)
+
+
+def _compile(trt, plan: BuildPlan, cast, strong, lib, cache, configure) -> tuple[bytes, dict]:
     import collections
     import time
 

@@ -74,8 +74,10 @@ def _q(args: list[str]) -> str:
     return " ".join(a if a.startswith('"$') else f'"{a}"' if "$" in a else shlex.quote(a) for a in args)
 
 
-def write_build_bundle(plan: BuildPlan, bundle: Path, plugin_lib: Optional[Path] = None) -> Path:
-    """Write the bundle into ``bundle``; returns the script path."""
+def write_build_bundle(plan: BuildPlan, bundle: Path, plugin_lib: Optional[Path] = None,
+                       rtx_check: Optional[dict] = None) -> Path:
+    """Write the bundle into ``bundle``; returns the script path. ``rtx_check``: what building the
+    graph with TensorRT-RTX here found (builder.rtx_build_check), recorded in build.json."""
     bundle = Path(bundle)
     bundle.mkdir(parents=True, exist_ok=True)
     cfg = plan.config
@@ -116,6 +118,7 @@ def write_build_bundle(plan: BuildPlan, bundle: Path, plugin_lib: Optional[Path]
         "plugin_build": plugin_cmds if plan.needs_plugin else [],
         "trtexec": {k: v[1] for k, v in variants.items()},
         "input_key": input_key,
+        "rtx_build_check": rtx_check,
         "edgetok": __version__,
     })
     script = bundle / SCRIPT
