@@ -8,8 +8,9 @@ installed, libedgetok_trt_plugins.so (the IPluginV3 plugins that ``trtexec
 
 ``register_cuda_kernels()`` gives the edgetok:: torch ops a CUDA implementation
 that calls the kernels through ctypes when the library is built and the inputs
-fit (same dtype for all float inputs: float32, float16 or bfloat16; shapes within
-the kernels' shared-memory limits), and the pure-torch reference otherwise. It
+fit (same dtype for all float inputs: float32, float16 or bfloat16; a metric
+width the match kernel stages, up to about 1,500), and the pure-torch reference
+otherwise. Any token count a ViT uses runs on the kernels (docs/plugins.md). It
 only registers; the library is loaded on the first CUDA call.
 
 Where libraries are looked for: $EDGETOK_PLUGIN_DIR, else <repo>/build/plugins.
@@ -151,7 +152,7 @@ _SIGNATURES = {
         [ctypes.c_int, _P, _P, _P, _P, _P, _P, _P] + [_I64] * 4 + [ctypes.c_float, _I64, _P, _SZ, _P],
     ),
 }
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: token_drop takes a workspace for its plan
 
 
 def load_kernels(path: Optional[Path] = None) -> ctypes.CDLL:
@@ -245,10 +246,12 @@ def cuda_token_drop(x, score, keep: int, protect_first: int, fuse_dropped: int):
     fuse = int(bool(fuse_dropped))
     out = x.new_empty(b, keep + fuse, c)
     idx = torch.empty(b, keep, dtype=torch.int64, device=x.device)
+    ws_bytes = lib.edgetok_token_drop_workspace_size(b, n)
+    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=x.device)
     with torch.cuda.device(x.device):
         rc = lib.edgetok_token_drop(
             _dtype_code(x), x.data_ptr(), score.data_ptr(), out.data_ptr(), idx.data_ptr(),
-            b, n, c, keep, protect_first, fuse, None, 0, _stream(x),
+            b, n, c, keep, protect_first, fuse, ws.data_ptr(), ws_bytes, _stream(x),
         )
     _check(lib, rc, "token_drop")
     return out, idx

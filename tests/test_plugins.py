@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -86,13 +87,16 @@ def hostref(tmp_path_factory):
     if shutil.which("cmake") is None or shutil.which("g++") is None:
         pytest.skip("cmake and g++ are needed to build the CPU test library")
     res = plugins.build(tmp_path_factory.mktemp("plugins"), kernels=False, trt=False)
-    lib = ctypes.CDLL(str(res.libraries["hostref"]))
-    lib.edgetok_host_threshold_merge.restype = ctypes.c_int
-    lib.edgetok_host_match_smem.restype = ctypes.c_size_t
-    lib.edgetok_host_merge_smem.restype = ctypes.c_size_t
-    lib.edgetok_host_drop_smem.restype = ctypes.c_size_t
-    lib.edgetok_host_match_workspace.restype = ctypes.c_size_t
-    lib.edgetok_host_match_workspace.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    return load_hostref(res.libraries["hostref"])
+
+
+def load_hostref(path):
+    lib = ctypes.CDLL(str(path))
+    for name in ("match_smem", "plan_smem", "plan_scratch", "merge_workspace", "drop_workspace"):
+        getattr(lib, f"edgetok_host_{name}").restype = ctypes.c_size_t
+    for name in ("merge_workspace", "drop_workspace"):
+        getattr(lib, f"edgetok_host_{name}").argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.edgetok_host_supported.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.edgetok_host_threshold_merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [
         ctypes.c_float, ctypes.c_int]
     return lib
@@ -119,12 +123,12 @@ def host_token_drop(lib, x, score, keep, protect, fuse):
 
 def host_threshold_merge(lib, x, metric, size, thr, protect):
     b, n, c = x.shape
-    out, out_size = torch.zeros(b * n * c), torch.zeros(b * n)
+    out, out_size = torch.full((b * n * c,), float("nan")), torch.full((b * n,), float("nan"))
     count = torch.empty(b, dtype=torch.int64)
     m = lib.edgetok_host_threshold_merge(_p(x), _p(metric), _p(size), _p(out), _p(out_size), _p(count), b, n, c,
                                          metric.shape[-1], thr, protect)
-    # the host writes row stride n; keep each image's first m rows, as the kernel's [B, M, C]
-    return out.view(b, n, c)[:, :m], out_size.view(b, n, 1)[:, :m], count
+    # written as the kernel writes it: [B, M, C] with M = the batch max, into a buffer of the upper bound
+    return out[: b * m * c].view(b, m, c), out_size[: b * m].view(b, m, 1), count
 
 
 def host_match(lib, metric, size, protect):
@@ -212,6 +216,104 @@ def test_random_metric_without_constructed_ties(hostref):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+# --- edge cases, thread order, token counts up to 4097 and beyond -----------------------
+
+
+@contextmanager
+def reversed_threads(lib):
+    lib.edgetok_host_set_reverse(1)
+    try:
+        yield
+    finally:
+        lib.edgetok_host_set_reverse(0)
+
+
+@SETTINGS
+@given(shape=merge_shapes, data=st.data())
+def test_plans_do_not_depend_on_thread_order(hostref, shape, data):
+    """A plan phase reads only what earlier phases wrote (the kernels' barriers): running each
+    block's threads in reverse gives the same bytes. A thread reading another thread's write of
+    the same phase would see it in one order and not in the other."""
+    g = torch.Generator().manual_seed(shape["seed"])
+    n, protect = shape["n"], min(shape["protect"], shape["n"])
+    x, metric, size = merge_case(g, shape["b"], n, shape["c"], shape["ck"], shape["pool"])
+    r = pick_r(data, n, protect)
+    keep = data.draw(st.integers(max(protect, 1), n), label="keep")
+    xd, score = drop_case(g, shape["b"], n, shape["c"], 3)
+    size_pad = padded_sizes(g, size)
+    runs = []
+    for order in ("forward", "reverse"):
+        with reversed_threads(hostref) if order == "reverse" else nullcontext():
+            runs.append((host_token_merge(hostref, x, metric, size, r, protect),
+                         host_token_drop(hostref, xd, score, keep, protect, 1),
+                         host_threshold_merge(hostref, x, metric, size_pad, 0.5 / 16, protect)))
+    for a, b in zip(*runs):
+        for ta, tb in zip(a, b):
+            assert torch.equal(ta, tb)
+
+
+@pytest.mark.parametrize("n, protect", [(1, 0), (1, 1), (2, 0), (2, 1), (3, 1), (4, 2), (5, 3), (197, 1),
+                                        (198, 1), (577, 5), (1025, 1)])
+def test_token_merge_edges_of_r(hostref, n, protect):
+    """r = 0, 1, half and the maximum, odd and even N, metrics with many exact ties."""
+    g = torch.Generator().manual_seed(n)
+    x, metric, size = merge_case(g, 2, n, 5, 8, 3)
+    limit = max_merges(n, protect)
+    for r in sorted({0, min(1, limit), limit // 2, limit}):
+        want, want_size = bipartite_merge(x, metric, size, r, protect)
+        got, got_size = host_token_merge(hostref, x, metric, size, r, protect)
+        assert torch.equal(got_size, want_size), r
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 197, 1025])
+def test_token_drop_edges_of_keep(hostref, n):
+    g = torch.Generator().manual_seed(n)
+    x, score = drop_case(g, 2, n, 5, 2)
+    for protect in (0, 1):
+        for keep in sorted({max(protect, 1), n // 2 or 1, n}):
+            for fuse in (0, 1):
+                want, want_idx = top_k_drop(x, score, keep, protect, bool(fuse))
+                got, idx = host_token_drop(hostref, x, score, keep, protect, fuse)
+                assert torch.equal(idx, want_idx)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_drop_ranks_signed_zero_nan_and_inf_as_torch_sort(hostref):
+    """-0 ties +0 (lower index first), NaN ranks above +inf, +inf ties the protected tokens."""
+    nan, inf = float("nan"), float("inf")
+    score = torch.tensor([[0.0, -0.0, 0.0, nan, inf, -inf, 0.5, -0.0, nan, inf, 0.0, -0.5]])
+    x = torch.arange(12.0).view(1, 12, 1)
+    for protect in (0, 1, 2):
+        for keep in range(max(protect, 1), 13):
+            _, want_idx = top_k_drop(x, score, keep, protect, False)
+            assert torch.equal(host_token_drop(hostref, x, score, keep, protect, 0)[1], want_idx), (protect, keep)
+
+
+@pytest.mark.parametrize("n", [2049, 4097, 6001])
+def test_large_token_counts(hostref, n):
+    """ViT-L/16 at 1024 px has 4097 tokens; plans too large for shared memory take a workspace
+    slice (drop from about 2,600 tokens, merge from about 5,000): every op still runs and matches."""
+    g = torch.Generator().manual_seed(n)
+    x, metric, size = merge_case(g, 1, n, 3, 4, 3)
+    r = max_merges(n, 1) // 3
+    want, want_size = bipartite_merge(x, metric, size, r, 1)
+    got, got_size = host_token_merge(hostref, x, metric, size, r, 1)
+    assert torch.equal(got_size, want_size)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    xd, score = drop_case(g, 1, n, 3, 4)
+    want, want_idx = top_k_drop(xd, score, n // 3, 1, True)
+    got, idx = host_token_drop(hostref, xd, score, n // 3, 1, 1)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    size = padded_sizes(g, size)
+    want, want_size, want_count = threshold_merge(x, metric, size, 0.5 / 16, 1)
+    got, got_size, count = host_threshold_merge(hostref, x, metric, size, 0.5 / 16, 1)
+    assert torch.equal(count, want_count)
+    assert torch.equal(got_size, want_size)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 # --- launch configuration (host code of the CUDA launchers) ----------------------------
 
 
@@ -223,16 +325,31 @@ def test_launch_config_fits_shared_memory(hostref):
         assert hostref.edgetok_host_match_smem(ck) <= budget
     assert hostref.edgetok_host_match_chunk(64) == 64  # ViT heads: whole warps of B columns per stage
     assert hostref.edgetok_host_match_chunk(10_000) == 0  # too wide: reported unsupported, not overflowed
-    for n in (1, 2, 50, 197, 577, 1025):  # ViT-B/16 224, ViT-L/14 336, 448 inputs
+    for n in (1, 2, 50, 197, 577, 1025, 2049, 4097, 10_000):
         assert hostref.edgetok_host_supported(n, 64, 0) and hostref.edgetok_host_supported(n, 64, 1)
-        assert hostref.edgetok_host_merge_smem(n) <= budget and hostref.edgetok_host_drop_smem(n) <= budget
-    assert not hostref.edgetok_host_supported(8000, 64, 0)
+        assert hostref.edgetok_host_plan_smem(n) <= budget
+    # merge plans rank the ceil(N/2) A rows, drop plans all N tokens
+    assert all(hostref.edgetok_host_plan_smem((n + 1) // 2) > 0 for n in (197, 577, 1025, 2049, 4097))
+    assert all(hostref.edgetok_host_plan_smem(n) > 0 for n in (197, 577, 1025, 2049))
+    assert hostref.edgetok_host_plan_smem(4097) == 0  # drop at 4097 tokens: scratch in the workspace
+    limit = 65535 * 16  # output row tiles are the grid's y dimension
+    assert hostref.edgetok_host_supported(limit, 64, 1) and not hostref.edgetok_host_supported(limit + 1, 64, 1)
 
 
 def test_workspace_and_grid(hostref):
-    ws = hostref.edgetok_host_match_workspace(64, 197)
-    assert ws >= 64 * 99 * 8 and ws % 256 == 0
-    assert hostref.edgetok_host_match_workspace(0, 197) == 0
+    merge_ws, drop_ws, scratch = (hostref.edgetok_host_merge_workspace, hostref.edgetok_host_drop_workspace,
+                                  hostref.edgetok_host_plan_scratch)
+    ws = merge_ws(64, 197)
+    assert ws >= 64 * 4 * (2 * 99 + 197 + 99 + 99) and ws % 256 == 0  # best, bidx, src, boff, blist
+    assert merge_ws(0, 197) == 0 and drop_ws(0, 197) == 0
+    assert drop_ws(2, 2049) < scratch(2049)  # plan in shared memory: only the dropped lists
+    assert drop_ws(2, 4097) >= 2 * scratch(4097)  # one scratch slice per image
+    assert merge_ws(3, 6001) >= 3 * scratch(3001)
+    # TensorRT sizes the workspace for the profile's largest shape: it must cover every smaller one
+    for ws_fn in (merge_ws, drop_ws):
+        for b in (1, 4):
+            sizes = [ws_fn(b, n) for n in range(1, 6200, 23)]
+            assert sizes == sorted(sizes)
     grid = (ctypes.c_uint * 3)()
     hostref.edgetok_host_output_grid(8, 181, 768, grid)
     assert tuple(grid) == (6, 12, 8)  # 128-channel x 16-row tiles x batch

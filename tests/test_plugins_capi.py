@@ -30,10 +30,12 @@ def test_queries(kernels):
     assert kernels.edgetok_abi_version() == plugins.ABI_VERSION
     assert kernels.edgetok_token_merge_workspace_size(64, 197) >= 64 * 99 * 8
     assert kernels.edgetok_threshold_merge_workspace_size(1, 197) == kernels.edgetok_token_merge_workspace_size(1, 197)
-    assert kernels.edgetok_token_drop_workspace_size(8, 197) == 0
-    assert kernels.edgetok_token_merge_supported(197, 64) and kernels.edgetok_token_merge_supported(1025, 64)
+    assert kernels.edgetok_token_drop_workspace_size(8, 197) >= 8 * 197 * 4  # the dropped lists
+    assert kernels.edgetok_token_drop_workspace_size(0, 197) == 0
+    for n in (1, 197, 577, 1025, 2049, 4097, 10**6):  # every ViT token count, and far beyond
+        assert kernels.edgetok_token_merge_supported(n, 64) and kernels.edgetok_token_drop_supported(n)
     assert not kernels.edgetok_token_merge_supported(197, 100_000)
-    assert kernels.edgetok_token_drop_supported(577) and not kernels.edgetok_token_drop_supported(10**6)
+    assert not kernels.edgetok_token_drop_supported(2 * 10**6)  # more output row tiles than a grid has
 
 
 @pytest.mark.parametrize("kw, code, words", [
@@ -43,6 +45,7 @@ def test_queries(kernels):
     (dict(pf=300), 1, "bad shape"),
     (dict(ws=8), 3, "workspace"),
     (dict(ck=100_000), 4, "torch reference"),
+    (dict(b=70_000), 1, "split the batch"),
 ])
 def test_bad_arguments_are_rejected(kernels, kw, code, words):
     assert _merge(kernels, **kw) == code
@@ -51,9 +54,12 @@ def test_bad_arguments_are_rejected(kernels, kw, code, words):
 
 def test_bad_drop_arguments(kernels):
     fake = ctypes.c_void_p(0x1000)
-    assert kernels.edgetok_token_drop(0, fake, fake, fake, fake, 1, 10, 4, 11, 0, 0, None, 0, None) == 1
+    assert kernels.edgetok_token_drop(0, fake, fake, fake, fake, 1, 10, 4, 11, 0, 0, fake, 10**6, None) == 1
     assert "cannot keep 11 of 10" in kernels.edgetok_last_error().decode()
-    assert kernels.edgetok_token_drop(0, fake, fake, fake, fake, 1, 10, 4, 5, 0, 2, None, 0, None) == 1
+    assert kernels.edgetok_token_drop(0, fake, fake, fake, fake, 1, 10, 4, 5, 0, 2, fake, 10**6, None) == 1
+    # ABI 2: the drop plan lives in the workspace; a caller passing none is told what to ask for
+    assert kernels.edgetok_token_drop(0, fake, fake, fake, fake, 1, 10, 4, 5, 0, 0, None, 0, None) == 3
+    assert "edgetok_token_drop_workspace_size" in kernels.edgetok_last_error().decode()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path; a GPU is present")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edgetok import plugins
 from edgetok.reduce.drop import top_k_drop
 from edgetok.reduce.dymu import threshold_merge
-from edgetok.reduce.tome import bipartite_merge
+from edgetok.reduce.tome import bipartite_merge, max_merges
 from test_plugins import drop_case, drop_shapes, merge_case, merge_shapes, padded_sizes, pick_r
 
 pytestmark = [
@@ -106,6 +106,31 @@ def test_vit_shapes_float32_random_metric():
     got, got_size = plugins.cuda_token_merge(*_dev(torch.float32, x, metric, size), 16, 1)
     torch.testing.assert_close(got_size.cpu(), want_size, rtol=0, atol=0)
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [577, 1025, 2049, 4097, 6001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_token_counts(n, dtype):
+    """Up to ViT-L/16 at 1024 px (4097 tokens) and beyond: the drop plan leaves shared memory
+    for the workspace from about 2,600 tokens, the merge plan from about 5,000."""
+    g = torch.Generator().manual_seed(n)
+    x, metric, size = merge_case(g, 2, n, 96, 64, 5)
+    r = max_merges(n, 1) // 2
+    want, want_size = bipartite_merge(*_ref(dtype, x, metric, size), r, 1)
+    got, got_size = plugins.cuda_token_merge(*_dev(dtype, x, metric, size), r, 1)
+    torch.testing.assert_close(got_size.float().cpu(), want_size, rtol=0, atol=0)
+    torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
+    xd, score = drop_case(g, 2, n, 96, 5)
+    want, want_idx = top_k_drop(*_ref(dtype, xd, score), n // 3, 1, True)
+    got, idx = plugins.cuda_token_drop(*_dev(dtype, xd, score), n // 3, 1, 1)
+    assert torch.equal(idx.cpu(), want_idx)
+    torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
+    size = padded_sizes(g, size)
+    want, want_size, want_count = threshold_merge(*_ref(dtype, x, metric, size), 0.5 / 16, 1)
+    got, got_size, count = plugins.cuda_threshold_merge(*_dev(dtype, x, metric, size), 0.5 / 16, 1)
+    assert torch.equal(count.cpu(), want_count)
+    torch.testing.assert_close(got_size.float().cpu(), want_size, rtol=0, atol=0)
+    torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
 
 
 def test_registered_ops_run_the_kernels_and_capture_in_a_cuda_graph():
