@@ -10,6 +10,18 @@
 // where TensorRT is installed (CMake option EDGETOK_BUILD_TRT_PLUGIN). The kernels and all
 // semantics live in libedgetok_kernels.so (the C API in edgetok/kernels.h).
 //
+// Build-time validation: configurePlugin (the profile's min..max shapes) and onShapeChange (the
+// actual shapes) reject input counts and ranks, dtypes the kernels lack, inputs whose batch or
+// token count differ from x's, attribute values the token count cannot take (r, keep,
+// protect_first) and shapes the kernels do not support, each with a message naming the op and
+// the fix. createPlugin rejects attribute values no shape could take.
+//
+// Serialized fields: the attributes plus "edgetok_format" (INT32, kFormatVersion), which the ONNX
+// parser never passes (it is not an ONNX attribute and the creators do not list it).
+// Deserialisation (TensorRTPhase::kRUNTIME) requires it and checks its value, so an engine
+// serialized by a library with another field layout fails with "rebuild the engine" instead of
+// running with misread fields; creation from ONNX attributes works without it.
+//
 // ThresholdMerge has a data-dependent token count M: it declares a 0-D INT32 size tensor as
 // its fourth output (IExprBuilder::declareSizeTensor, upper bound N; the TensorRT 10 headers
 // require size tensor outputs to be DataType::kINT32) and writes x_out [B,M,C],
@@ -27,6 +39,7 @@
 #include <vector>
 
 #include "edgetok/kernels.h"
+#include "edgetok/rowops.h"
 
 using namespace nvinfer1;
 
@@ -34,6 +47,9 @@ namespace {
 
 constexpr char kNamespace[] = "edgetok";
 constexpr char kVersion[] = "1";
+// Layout of the serialized fields; raise it whenever a field is added, removed or changes meaning.
+constexpr char kFormatField[] = "edgetok_format";
+constexpr int32_t kFormatVersion = 1;
 
 // ThresholdMerge: the int64 batch-max row count M sits at the start of the workspace (one
 // 256-byte slot, keeping the kernels' scratch 256-byte aligned behind it).
@@ -58,6 +74,65 @@ int dtypeCode(DataType t) {
         case DataType::kBF16: return EDGETOK_BF16;
         default: return -1;
     }
+}
+
+char const* typeName(DataType t) {
+    switch (t) {
+        case DataType::kFLOAT: return "FLOAT";
+        case DataType::kHALF: return "HALF";
+        case DataType::kBF16: return "BF16";
+        case DataType::kINT8: return "INT8";
+        case DataType::kINT32: return "INT32";
+        case DataType::kINT64: return "INT64";
+        case DataType::kBOOL: return "BOOL";
+        default: return "a non-float type";
+    }
+}
+
+// The shapes an input may take: per dimension [min, max] (configurePlugin: the optimisation
+// profile's bounds; onShapeChange: the actual shape, min == max).
+struct InputRange {
+    Dims min, max;
+    DataType type;
+};
+constexpr int32_t kMaxInputs = 3;
+
+std::string span(InputRange const& in, int d) {
+    std::string lo = std::to_string(in.min.d[d]);
+    return in.min.d[d] == in.max.d[d] ? lo : lo + ".." + std::to_string(in.max.d[d]);
+}
+bool sameDim(InputRange const& a, int da, InputRange const& b, int db) {
+    return a.min.d[da] == b.min.d[db] && a.max.d[da] == b.max.d[db];
+}
+
+// Checks shared by the ops: the input count and ranks, x's dtype and the other float inputs'
+// (same as x), and that every input has x's batch and token count. "" when all hold.
+std::string checkCommon(InputRange const* in, int32_t nbInputs, int32_t nbOutputs, int32_t wantInputs,
+                        int32_t wantOutputs, int32_t const* ranks, char const* const* names, int32_t nbFloat) {
+    if (nbInputs != wantInputs || nbOutputs != wantOutputs)
+        return "takes " + std::to_string(wantInputs) + " inputs and " + std::to_string(wantOutputs) +
+               " outputs, the node has " + std::to_string(nbInputs) + " and " + std::to_string(nbOutputs) +
+               "; re-export the model with edgetok";
+    for (int32_t i = 0; i < nbInputs; ++i)
+        if (in[i].max.nbDims != ranks[i])
+            return std::string("input '") + names[i] + "' has rank " + std::to_string(in[i].max.nbDims) +
+                   ", expected " + std::to_string(ranks[i]) + "; re-export the model with edgetok";
+    if (dtypeCode(in[0].type) < 0)
+        return std::string("x is ") + typeName(in[0].type) +
+               "; the kernels take FLOAT, HALF or BF16: cast the model to one of them";
+    for (int32_t i = 1; i < nbFloat; ++i)
+        if (in[i].type != in[0].type)
+            return std::string("input '") + names[i] + "' is " + typeName(in[i].type) + " but x is " +
+                   typeName(in[0].type) + "; cast them to one type";
+    for (int32_t i = 1; i < nbInputs; ++i) {
+        if (!sameDim(in[i], 0, in[0], 0))
+            return std::string("input '") + names[i] + "' has batch " + span(in[i], 0) + " but x has " +
+                   span(in[0], 0) + "; give every input the same batch";
+        if (!sameDim(in[i], 1, in[0], 1))
+            return std::string("input '") + names[i] + "' has " + span(in[i], 1) + " tokens but x has " +
+                   span(in[0], 1) + "; pass the " + names[i] + " of the same tokens as x";
+    }
+    return "";
 }
 
 // IPluginV3::clone: a copy, or nullptr if it cannot be made (the contract forbids throwing).
@@ -92,29 +167,45 @@ public:
     char const* getPluginVersion() const noexcept override { return kVersion; }
     char const* getPluginNamespace() const noexcept override { return kNamespace; }
 
-    int32_t configurePlugin(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
-                            int32_t) noexcept override {
-        return 0;
+    int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*,
+                            int32_t nbOutputs) noexcept override {
+        InputRange r[kMaxInputs];
+        for (int32_t i = 0; i < nbInputs && i < kMaxInputs; ++i) r[i] = {in[i].min, in[i].max, in[i].desc.type};
+        return verdict(nbInputs, nbOutputs, r, "building the engine");
     }
-    int32_t onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*, int32_t) noexcept override {
-        return 0;
+    int32_t onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
+                          int32_t nbOutputs) noexcept override {
+        InputRange r[kMaxInputs];
+        for (int32_t i = 0; i < nbInputs && i < kMaxInputs; ++i) r[i] = {in[i].dims, in[i].dims, in[i].type};
+        return verdict(nbInputs, nbOutputs, r, "at these input shapes");
     }
     IPluginV3* attachToContext(IPluginResourceContext*) noexcept override { return clone(); }
 
     PluginFieldCollection const* getFieldsToSerialize() noexcept override {
         mFields.clear();
         for (Attr const& a : attrs()) mFields.emplace_back(a.name, a.value, a.type, 1);
+        mFields.emplace_back(kFormatField, &kFormatVersion, PluginFieldType::kINT32, 1);
         mCollection.nbFields = static_cast<int32_t>(mFields.size());
         mCollection.fields = mFields.data();
         return &mCollection;
     }
 
     // Reads this plugin's attributes from a field collection; unknown fields (e.g. the parser's
-    // plugin_namespace / plugin_version) are ignored. False if a field has the wrong type.
-    bool readFields(PluginFieldCollection const* fc) {
+    // plugin_namespace / plugin_version) are ignored. Deserialisation (kRUNTIME) also needs the
+    // format field with this library's version. False (after logging why) if a field is wrong.
+    bool readFields(PluginFieldCollection const* fc, TensorRTPhase phase) {
+        int32_t format = -1;
         for (int32_t i = 0; fc && i < fc->nbFields; ++i) {
             PluginField const& f = fc->fields[i];
             if (f.name == nullptr) continue;
+            if (std::strcmp(f.name, kFormatField) == 0) {
+                if (f.type != PluginFieldType::kINT32 || f.length < 1 || f.data == nullptr) {
+                    logError(std::string(mName) + ": field '" + kFormatField + "' must be one INT32");
+                    return false;
+                }
+                std::memcpy(&format, f.data, 4);
+                continue;
+            }
             for (Attr const& a : attrs()) {
                 if (std::strcmp(f.name, a.name) != 0) continue;
                 if (f.type != a.type || f.length < 1 || f.data == nullptr) {
@@ -125,7 +216,20 @@ public:
                 std::memcpy(a.value, f.data, 4);
             }
         }
-        return true;
+        if (phase == TensorRTPhase::kRUNTIME && format < 0) {
+            logError(std::string(mName) + ": the serialized plugin has no '" + kFormatField +
+                     "' field (an engine built with an older edgetok plugin library); rebuild the engine with "
+                     "this library");
+            return false;
+        }
+        if (format >= 0 && format != kFormatVersion) {
+            logError(std::string(mName) + ": fields in format " + std::to_string(format) + ", this library reads " +
+                     std::to_string(kFormatVersion) + "; rebuild the engine with this library");
+            return false;
+        }
+        std::string why = checkAttrs();
+        if (!why.empty()) logError(std::string(mName) + ": " + why);
+        return why.empty();
     }
 
     virtual std::vector<Attr> attrs() = 0;
@@ -146,12 +250,48 @@ protected:
         return -1;
     }
 
+    // Attribute values no input shape could take ("" when fine).
+    virtual std::string checkAttrs() const = 0;
+    // Inputs against the attributes and the kernels ("" when fine). Only the first kMaxInputs
+    // entries of in are filled; checkCommon rejects any other input count before reading them.
+    virtual std::string checkInputs(InputRange const* in, int32_t nbInputs, int32_t nbOutputs) const = 0;
+
+    int32_t verdict(int32_t nbInputs, int32_t nbOutputs, InputRange const* in, char const* when) const noexcept {
+        try {
+            std::string why = checkInputs(in, nbInputs, nbOutputs);
+            if (why.empty()) return 0;
+            logError(std::string(mName) + " (" + when + "): " + why);
+        } catch (...) {
+            logError(std::string(mName) + ": could not check the input shapes");
+        }
+        return -1;
+    }
+
     char const* mName;
     std::vector<PluginField> mFields;
     PluginFieldCollection mCollection{};
 };
 
 // ---------------------------------------------------------------------------------------
+
+// TokenMerge / ThresholdMerge inputs x [B,N,C], metric [B,N,Ck], size [B,N,1].
+std::string checkMergeInputs(InputRange const* in, int32_t nbInputs, int32_t nbOutputs, int32_t wantOutputs,
+                             int32_t protect) {
+    static constexpr int32_t kRanks[] = {3, 3, 3};
+    static constexpr char const* kNames[] = {"x", "metric", "size"};
+    std::string why = checkCommon(in, nbInputs, nbOutputs, 3, wantOutputs, kRanks, kNames, 3);
+    if (!why.empty()) return why;
+    if (in[2].min.d[2] != 1 || in[2].max.d[2] != 1)
+        return "size has last dimension " + span(in[2], 2) + "; it must be [B, N, 1] (tokens per patch)";
+    if (protect > in[0].min.d[1])
+        return "protect_first=" + std::to_string(protect) + " is more than the " + std::to_string(in[0].min.d[1]) +
+               " tokens of the profile's smallest input; lower protect_first or build the profile for more tokens";
+    if (!edgetok_token_merge_supported(in[0].max.d[1], in[1].max.d[2]))
+        return "the kernels cannot run " + std::to_string(in[0].max.d[1]) + " tokens with a metric of width " +
+               std::to_string(in[1].max.d[2]) + ": use a narrower metric (the keys averaged over heads), or " +
+               "export without the plugin (the ONNX function body)";
+    return "";
+}
 
 class TokenMergePlugin final : public PluginBase {
 public:
@@ -168,6 +308,22 @@ public:
     int32_t getOutputDataTypes(DataType* out, int32_t, DataType const* in, int32_t) const noexcept override {
         out[0] = out[1] = in[0];
         return 0;
+    }
+    std::string checkAttrs() const override {
+        if (mR < 0) return "r=" + std::to_string(mR) + " is negative; export r >= 0";
+        if (mProtect < 0) return "protect_first=" + std::to_string(mProtect) + " is negative; export a count >= 0";
+        return "";
+    }
+    std::string checkInputs(InputRange const* in, int32_t nbInputs, int32_t nbOutputs) const override {
+        std::string why = checkMergeInputs(in, nbInputs, nbOutputs, 2, mProtect);
+        if (!why.empty()) return why;
+        const int64_t n = in[0].min.d[1];  // r must fit the smallest token count of the profile
+        const int limit = edgetok::max_merges((int)n, mProtect);
+        if (mR > limit)
+            return "r=" + std::to_string(mR) + " cannot be merged from " + std::to_string(n) + " tokens with " +
+                   "protect_first=" + std::to_string(mProtect) + " (at most " + std::to_string(limit) +
+                   " per step); lower r in the schedule or build the profile for more tokens";
+        return "";
     }
     int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
                             IExprBuilder& eb) noexcept override {
@@ -215,24 +371,47 @@ public:
         out[1] = DataType::kINT64;
         return 0;
     }
+    std::string checkAttrs() const override {
+        if (mProtect < 0) return "protect_first=" + std::to_string(mProtect) + " is negative; export a count >= 0";
+        if (mKeep < (mProtect > 1 ? mProtect : 1))
+            return "keep=" + std::to_string(mKeep) + " is below max(1, protect_first=" + std::to_string(mProtect) +
+                   "); keep at least the protected tokens";
+        if (mFuse != 0 && mFuse != 1) return "fuse_dropped=" + std::to_string(mFuse) + " must be 0 or 1";
+        return "";
+    }
+    std::string checkInputs(InputRange const* in, int32_t nbInputs, int32_t nbOutputs) const override {
+        static constexpr int32_t kRanks[] = {3, 2};
+        static constexpr char const* kNames[] = {"x", "score"};
+        std::string why = checkCommon(in, nbInputs, nbOutputs, 2, 2, kRanks, kNames, 2);
+        if (!why.empty()) return why;
+        const int64_t n = in[0].min.d[1];
+        if (mKeep > n)
+            return "keep=" + std::to_string(mKeep) + " is more than the " + std::to_string(n) +
+                   " tokens of the profile's smallest input; lower keep or build the profile for more tokens";
+        if (!edgetok_token_drop_supported(in[0].max.d[1]))
+            return std::string("the kernels cannot run ") + std::to_string(in[0].max.d[1]) + " tokens: " +
+                   "build the profile for fewer, or export without the plugin (the ONNX function body)";
+        return "";
+    }
     int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
                             IExprBuilder& eb) noexcept override {
         if (nbInputs != 2 || in[0].nbDims != 3 || in[1].nbDims != 2) return -1;
-        out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = eb.constant(mKeep + (mFuse ? 1 : 0));
+        out[0].nbDims = 3, out[0].d[0] = in[0].d[0], out[0].d[1] = eb.constant(mKeep + mFuse);
         out[0].d[2] = in[0].d[2];
         out[1].nbDims = 2, out[1].d[0] = in[0].d[0], out[1].d[1] = eb.constant(mKeep);
         return 0;
     }
-    size_t getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
+    size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t, DynamicPluginTensorDesc const*,
                             int32_t) const noexcept override {
-        return 0;
+        return edgetok_token_drop_workspace_size(in[0].max.d[0], in[0].max.d[1]);
     }
     int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
-                    void* const* outputs, void*, cudaStream_t stream) noexcept override {
+                    void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
         Dims const& d = in[0].dims;
         return report(edgetok_token_drop(dtypeCode(in[0].type), inputs[0], inputs[1], outputs[0],
                                          static_cast<int64_t*>(outputs[1]), d.d[0], d.d[1], d.d[2], mKeep, mProtect,
-                                         mFuse ? 1 : 0, nullptr, 0, stream),
+                                         mFuse, workspace, edgetok_token_drop_workspace_size(d.d[0], d.d[1]),
+                                         stream),
                       "enqueue");
     }
 
@@ -262,6 +441,14 @@ public:
         out[2] = DataType::kINT64;  // count
         out[3] = DataType::kINT32;  // size tensor M
         return 0;
+    }
+    std::string checkAttrs() const override {
+        if (mThreshold != mThreshold) return "threshold is NaN; export a number (1.0 or more merges nothing)";
+        if (mProtect < 0) return "protect_first=" + std::to_string(mProtect) + " is negative; export a count >= 0";
+        return "";
+    }
+    std::string checkInputs(InputRange const* in, int32_t nbInputs, int32_t nbOutputs) const override {
+        return checkMergeInputs(in, nbInputs, nbOutputs, 4, mProtect);
     }
     int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out, int32_t,
                             IExprBuilder& eb) noexcept override {
@@ -327,10 +514,10 @@ public:
     char const* getPluginNamespace() const noexcept override { return kNamespace; }
     PluginFieldCollection const* getFieldNames() noexcept override { return &mCollection; }
 
-    IPluginV3* createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept override {
+    IPluginV3* createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept override {
         try {
             auto* p = new Plugin();
-            if (!p->readFields(fc)) {
+            if (!p->readFields(fc, phase)) {
                 delete p;
                 return nullptr;
             }
