@@ -85,13 +85,16 @@ void match_image(const float* m, const float* size, int n, int ck, int pf, float
     }
 }
 
-void match_all(char* ws, const WsLayout& w, const float* metric, const float* size, int b, int n, int ck, int pf) {
+void match_batch(const float* metric, const float* size, int b, int n, int ck, int pf, float* best, int* bidx) {
     const int na = (n + 1) / 2;
-    auto* best = reinterpret_cast<float*>(ws + w.best);
-    auto* bidx = reinterpret_cast<int*>(ws + w.bidx);
     for (int i = 0; i < b; ++i)
         match_image(metric + (long)i * n * ck, size ? size + (long)i * n : nullptr, n, ck, pf, best + (long)i * na,
                     bidx + (long)i * na);
+}
+
+// The match launch: best / bidx into the workspace, where the plan kernel reads them.
+void match_all(char* ws, const WsLayout& w, const float* metric, const float* size, int b, int n, int ck, int pf) {
+    match_batch(metric, size, b, n, ck, pf, reinterpret_cast<float*>(ws + w.best), reinterpret_cast<int*>(ws + w.bidx));
 }
 
 // The output kernel's grid, block by block.
@@ -150,10 +153,7 @@ EDGETOK_HOST_API int edgetok_host_plan_stats(int64_t* out, int capacity) {
 // Best match of every A row (the match phase alone): best[B, na], bidx[B, na].
 EDGETOK_HOST_API void edgetok_host_match(const float* metric, const float* size, int b, int n, int ck, int pf,
                                          float* best, int* bidx) {
-    const int na = (n + 1) / 2;
-    for (int i = 0; i < b; ++i)
-        match_image(metric + (long)i * n * ck, size ? size + (long)i * n : nullptr, n, ck, pf, best + (long)i * na,
-                    bidx + (long)i * na);
+    match_batch(metric, size, b, n, ck, pf, best, bidx);
 }
 
 EDGETOK_HOST_API void edgetok_host_token_merge(const float* x, const float* metric, const float* size, float* x_out,
