@@ -60,12 +60,10 @@ def test_config_export_keeps_its_promises(name, tmp_path, capsys):
 
         assert build(out, rtx).kind == "engine"
 
-    capsys.readouterr()
-    dymu = tmp_path / "dymu"
-    rc = main(["export", *TINY, "--method", "dymu", "--threshold", "0.2", "--config", name, "-o", str(dymu)])
-    err = capsys.readouterr().err
-    if cfg.adaptive:
-        assert rc == 0 and json.loads((dymu / "manifest.json").read_text())["adaptive"]
-    else:
+    if not cfg.adaptive:  # refused before anything is traced or written (adaptive configs: tests/test_export.py)
+        capsys.readouterr()
+        dymu = tmp_path / "dymu"
+        rc = main(["export", *TINY, "--method", "dymu", "--threshold", "0.2", "--config", name, "-o", str(dymu)])
+        err = capsys.readouterr().err
         assert rc != 0 and "data-dependent token count" in err and "tome, drop" in err
         assert not dymu.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tome"]
