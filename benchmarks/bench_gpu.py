@@ -65,7 +65,7 @@ def tie_metric(gen, b, n, ck, pool=6):
 
 def check_kernels(device: str, dtypes, tokens=CHECK_TOKENS, batch=3, channels=64) -> list:
     """Each op at each token count and dtype: decisions identical, values within TOL."""
-    from edgetok import plugins
+    from edgetok.ops import plugins
     from edgetok.reduce.drop import top_k_drop
     from edgetok.reduce.dymu import threshold_merge
     from edgetok.reduce.tome import bipartite_merge, max_merges
@@ -114,7 +114,7 @@ def _check_row(op, n, dtype, decisions_equal, got, want) -> dict:
 @contextmanager
 def kernels_enabled(flag: bool):
     """Capture-time switch: the edgetok CUDA ops use the fused kernels or the reference."""
-    from edgetok import plugins
+    from edgetok.ops import plugins
 
     original = plugins._kernels_or_none
     if not flag:
@@ -223,7 +223,7 @@ def create_model(key: str, n: int, device: str):
 
 
 def ensure_kernels() -> str:
-    from edgetok import plugins
+    from edgetok.ops import plugins
 
     path = plugins.find_library("kernels")
     if path is None:
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         print("error: needs a CUDA GPU (this benchmark times the fused kernels); --dry-run runs without one",
               file=sys.stderr)
         return 1
-    from edgetok.timing import machine_facts
+    from edgetok.validate.timing import machine_facts
 
     t0 = time.monotonic()
     out = Path(args.out)

@@ -3,7 +3,7 @@
 DivPrune, HiRED, Zero-TPrune, DiffRate, Self-slimmed ViT (random slimming
 layers), MustDrop and ToMe/top-k for reference, each on a random-weight timm
 ViT, interleaved with the unreduced model in the same run
-(edgetok.benchmark.compare). The VLM output stage is timed as the tower with
+(edgetok.validate.benchmark.compare). The VLM output stage is timed as the tower with
 and without the selection of ``--budget`` tokens (the same encoder work: its
 cost is the selection, its saving is in the language model, so the row
 reports the token ratio handed on). Writes JSON to
@@ -24,8 +24,8 @@ import timm
 import torch
 
 import edgetok
-from edgetok.benchmark import compare
-from edgetok.timing import interleaved, machine_facts, summary
+from edgetok.validate.benchmark import compare
+from edgetok.validate.timing import interleaved, machine_facts, summary
 
 
 def variants(base, depth: int, tokens: int, dim: int) -> dict:

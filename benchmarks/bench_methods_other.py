@@ -1,10 +1,10 @@
 """Tail drop, Focus-DETR (DETR, Deformable-DETR), MrT5 and FlexDiT: FLOPs ratio and torch CPU speed ratio.
 
-Tail drop runs on a timm ViT through edgetok.benchmark.compare (FLOPs from
+Tail drop runs on a timm ViT through edgetok.validate.benchmark.compare (FLOPs from
 edgetok.flops). The other three are not image ViTs, so their FLOPs are counted
 here from the layer shapes (multiply-add = 2, transformer layers plus the
 method's own scorer/gate; embeddings, backbone, decoder and heads left out as
-they do not change) and their speed ratio is timed with edgetok.timing's
+they do not change) and their speed ratio is timed with edgetok.validate.timing's
 interleaved runner against the unreduced model in the same run, on the same
 part the FLOPs count (for DETR and Deformable-DETR: the encoder alone, on the
 backbone features of one 800x1216 image). Random
@@ -25,10 +25,10 @@ import timm
 import torch
 
 import edgetok
-from edgetok.benchmark import compare
+from edgetok.validate.benchmark import compare
 from edgetok.patch.hf_detr import detr_encoder
 from edgetok.reduce import flexdit, focus_detr, mrt5
-from edgetok.timing import interleaved, machine_facts, summary
+from edgetok.validate.timing import interleaved, machine_facts, summary
 
 
 def timed_rows(arch: str, base_fn, variants: dict, flops_base: float, repeats: int, batch: int) -> list[dict]:

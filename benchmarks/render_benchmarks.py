@@ -60,7 +60,7 @@ def matrix_section(d: dict) -> list[str]:
         stale = [r for r in autos if _prediction_only(r)]
         if stale:
             lines += [f"{len(stale)} of these verdicts say \"met\" although the search's own measurement fell short "
-                      "of the goal: that run predates edgetok.reduce.auto.judge_measured, which now lets the "
+                      "of the goal: that run predates edgetok.tune.auto.judge_measured, which now lets the "
                       "measurement decide (goal_met false, reason says so).", ""]
     return lines
 
@@ -74,7 +74,7 @@ def _prediction_only(row: dict) -> bool:
 
 
 def compare_section(title: str, d: dict, note: str = "") -> list[str]:
-    """Rows of edgetok.benchmark.compare (bench_torch_cpu, bench_methods, bench_methods_other)."""
+    """Rows of edgetok.validate.benchmark.compare (bench_torch_cpu, bench_methods, bench_methods_other)."""
     lines = [f"## {title}", "", f"Machine: {_facts(d['machine'])}." + (f" {note}" if note else ""), ""]
     rows, vlm = [], []
     for r in d["rows"]:

@@ -6,10 +6,10 @@
     edgetok.flops(fast, (3, 224, 224)).total
 """
 from .ops import library as _ops  # noqa: F401  (registers the edgetok:: torch ops)
-from .plugins import register_cuda_kernels
+from .ops.plugins import register_cuda_kernels
 
 register_cuda_kernels()  # fused CUDA kernels for the ops where plugins/ is built; loads nothing until first use
-from .api import apply, flops, methods, token_counts
+from .patch.api import apply, flops, methods, token_counts
 from .errors import EdgetokError, ScheduleError, UnknownMethodError, UnsupportedModelError
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from edgetok.errors import ScheduleError
-from edgetok.reduce import auto as A
+from edgetok.tune import auto as A
 
 DEPTH, TOKENS = 4, 17
 
@@ -101,7 +101,7 @@ def test_calibration_falls_back_to_random_images_without_photo_packages(monkeypa
 def test_repair_lets_the_greedy_go_on_past_a_capped_layer():
     """Fidelity favours the last layer; once it holds most merges, a merge earlier leaves it
     fewer tokens than its r. Without a repair the search stops short of the goal; with
-    ToMe's cap (edgetok.reduce.auto._capper) it trades on and meets it."""
+    ToMe's cap (edgetok.tune.auto._capper) it trades on and meets it."""
     from edgetok.patch import adapter_for
     from edgetok.reduce.tome import max_merges
 

@@ -10,7 +10,7 @@ import timm
 
 from edgetok.cli import main
 from edgetok.patch import adapter_for
-from edgetok.reduce import auto as A
+from edgetok.tune import auto as A
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import torch
 
 from edgetok.cli import main
-from edgetok.models import create_model
+from edgetok.patch.models import create_model
 
 T5 = ('hf:T5EncoderModel:{"vocab_size": 259, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 3, '
       '"num_heads": 4, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0}')

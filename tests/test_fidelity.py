@@ -10,7 +10,7 @@ import timm
 import torch
 
 import edgetok
-from edgetok import fidelity as F
+from edgetok.validate import fidelity as F
 
 HAS_DATA = importlib.util.find_spec("skimage") is not None
 

@@ -182,7 +182,7 @@ def test_diffrate_rate_files(tmp_path):
 
 
 def test_diffrate_r_splits_into_merge_and_prune():
-    """The r= knob the latency-aware search (edgetok.reduce.auto) tunes."""
+    """The r= knob the latency-aware search (edgetok.tune.auto) tunes."""
     plan = edgetok.apply(tiny_vit(), "diffrate", r=[3, 2, 0], merge_share=0.5).edgetok_plan
     assert plan.params["merge"] == [2, 1, 0] and plan.params["prune"] == [1, 1, 0]
     with pytest.raises(ScheduleError, match="one of"):
@@ -266,8 +266,8 @@ def test_export_runs_in_onnxruntime(method, tmp_path):
 
 
 def test_diffrate_rates_from_the_latency_aware_search():
-    """edgetok.reduce.auto (DiffRate's search stand-in) tunes diffrate's r= per layer."""
-    from edgetok.reduce import auto
+    """edgetok.tune.auto (DiffRate's search stand-in) tunes diffrate's r= per layer."""
+    from edgetok.tune import auto
 
     grid = list(range(1, 18))  # a cost table where a block costs 1 ms per token, a step 0.1 ms
     table = auto.CostTable({"backend": "fake", "batch": 1}, grid, [float(n) for n in grid], [n / 2 for n in grid],

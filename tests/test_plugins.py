@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgetok import plugins
+from edgetok.ops import plugins
 from edgetok.reduce.drop import top_k_drop
 from edgetok.reduce.dymu import threshold_merge
 from edgetok.reduce.tome import bipartite_merge, max_merges

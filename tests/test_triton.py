@@ -67,7 +67,7 @@ def test_tensorrt_repository_with_plugin(tmp_path):
 
 
 def test_onnxruntime_refuses_stripped_export(tmp_path):
-    from edgetok.triton import write_repository
+    from edgetok.serve.triton import write_repository
 
     d = _export(tmp_path / "e", stripped=True)
     with pytest.raises(EdgetokError, match="without function bodies"):

@@ -12,7 +12,7 @@ import torch
 from edgetok.config import list_configs, load_config
 from edgetok.runtime.artifacts import resolve
 from edgetok.trt import BuildPlan, EngineMismatchError, GpuInfo, PluginLibraryError, TargetMismatchError, build
-from edgetok.trt.env import plugin_library, tensorrt_version
+from edgetok.runtime.env import plugin_library, tensorrt_version
 from edgetok.trt.manifest import check_engine, load_manifest
 from edgetok.trt.plan import plugin_flag, strongly_typed
 
@@ -165,7 +165,7 @@ def test_missing_plugin_library(monkeypatch, tmp_path):
     monkeypatch.delenv("EDGETOK_PLUGIN_LIBRARY", raising=False)
     with pytest.raises(PluginLibraryError, match="does not exist"):
         plugin_library(tmp_path / "libnope.so")
-    monkeypatch.setenv("EDGETOK_PLUGIN_DIR", str(tmp_path))  # edgetok.plugins looks in an empty build dir
+    monkeypatch.setenv("EDGETOK_PLUGIN_DIR", str(tmp_path))  # edgetok.ops.plugins looks in an empty build dir
     with pytest.raises(PluginLibraryError, match="not built"):
         plugin_library()
     stripped = _export_edgetok(tmp_path / "s", with_body=False, target="trt")
@@ -221,7 +221,7 @@ def test_fp16_cast_runs_in_ort(plain):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(tensorrt_version() is None, reason="TensorRT is not installed on this machine")
 def test_tensorrt_build_and_cache(plain, tmp_path):
-    from edgetok.trt.env import gpu_info
+    from edgetok.runtime.env import gpu_info
 
     gpu = gpu_info()
     cfg = next((load_config(n) for n in TRT_CONFIGS if load_config(n).sm == (gpu.sm if gpu else None)

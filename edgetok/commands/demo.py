@@ -24,8 +24,8 @@ def demo(model_name, r, keep_rate, batch, repeats, json_out):
 
     import edgetok
     from edgetok.reduce.dymu import calibrate
-    from edgetok.benchmark import compare
-    from edgetok.timing import machine_facts
+    from edgetok.validate.benchmark import compare
+    from edgetok.validate.timing import machine_facts
 
     console = Console()
     torch.manual_seed(0)

@@ -96,7 +96,7 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
     from ..config import load_config
     from ..errors import UnsupportedModelError
     from ..export import export_model
-    from ..models import create_model, preprocessing
+    from ..patch.models import create_model, preprocessing
     from ..patch import adapter_for
     from ..reduce.registry import get_method
 
@@ -124,7 +124,7 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
             raise click.UsageError("--schedule auto needs exactly one goal: --min-speedup X or --budget-ms Y")
         if cfg is None:
             raise click.UsageError("--schedule auto needs the device it is for: --target CONFIG (e.g. cpu-ort)")
-        from ..export.auto import backend_for, check_method
+        from ..tune.export import backend_for, check_method
 
         check_method(method)  # fail before building the model: wrong method, or a TensorRT config
         backend_for(cfg)
@@ -172,7 +172,7 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
                       progress=step)
         auto = None
         if schedule == "auto":
-            from ..export.auto import choose
+            from ..tune.export import choose
 
             step(f"choosing the schedule for {cfg.name} (cost table: measured once, then cached)")
             _, auto = choose(model, cfg, method, batch=batch, budget_ms=budget_ms, min_speedup=min_speedup,
@@ -208,7 +208,7 @@ def _report(console, result) -> int:
         console.print(f"streaming step: inputs {m['input']['name']}, {st['state_input']['name']} (zeros on the "
                       f"first frame); feed output {st['state_output']} back as {st['state_input']['name']}")
     if m["schedule"] and m["schedule"]["source"] == "auto":
-        from ..export.auto import summary
+        from ..tune.export import summary
 
         console.print(summary(m["schedule"]))
     if m["parity"]:

@@ -20,7 +20,7 @@ def plugins():
 @click.option("--jobs", "-j", type=int, help="Parallel build jobs (default: all cores).")
 def build(build_dir, archs, no_kernels, no_trt, tensorrt_root, jobs):
     """Configure and build plugins/ with CMake; print what was built."""
-    from edgetok import plugins as p
+    from ..ops import plugins as p
 
     res = p.build(build_dir, archs or None, kernels=not no_kernels, trt=not no_trt, tensorrt_root=tensorrt_root,
                   jobs=jobs)
@@ -35,7 +35,7 @@ def build(build_dir, archs, no_kernels, no_trt, tensorrt_root, jobs):
 @click.option("--trt", is_flag=True, help="The TensorRT plugin library instead of the kernels library.")
 def path(trt):
     """Print the path of the built library (for --dynamicPlugins= or LD_PRELOAD)."""
-    from edgetok import plugins as p
+    from ..ops import plugins as p
 
     click.echo(p.library_path("trt" if trt else "kernels"))
 
@@ -43,6 +43,6 @@ def path(trt):
 @plugins.command()
 def info():
     """Report sources, build folder, built libraries, toolchain and GPU, as JSON."""
-    from edgetok import plugins as p
+    from ..ops import plugins as p
 
     click.echo(json.dumps(p.info(), indent=2))

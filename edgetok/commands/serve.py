@@ -18,7 +18,7 @@ import click
 def serve(path, host, port, grpc_port, metrics_port, max_batch, instances, backend, queue_delay_us, name, threads,
           log_file):
     """Serve PATH (export directory or engine) with dynamic batching until SIGINT/SIGTERM."""
-    from ..serve import ServeConfig, Server
+    from ..serve.server import ServeConfig, Server
 
     cfg = ServeConfig(host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
                       instances=instances, backend=backend, queue_delay_us=queue_delay_us, name=name,

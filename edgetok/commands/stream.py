@@ -11,7 +11,7 @@ import click
 
 
 def _video_path(video: str) -> Path:
-    from edgetok.stream.video import SAMPLE_CLIPS, sample_clip
+    from edgetok.runtime.video import SAMPLE_CLIPS, sample_clip
 
     p = Path(video)
     if p.is_file():
@@ -61,10 +61,10 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
     import torch
 
     import edgetok.ops.library  # noqa: F401  (registers the edgetok ops)
-    from edgetok.stream import StreamingEncoder, stream_normalization
-    from edgetok.stream import report as rp
-    from edgetok.stream.video import frames, probe
-    from edgetok.timing import machine_facts
+    from edgetok.patch.stream import StreamingEncoder, stream_normalization
+    from edgetok.validate import stream as rp
+    from edgetok.runtime.video import frames, probe
+    from edgetok.validate.timing import machine_facts
 
     path = _video_path(video)
     if threads:
@@ -77,7 +77,7 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
         kw["depth"] = depth
     model = timm.create_model(model_name, **kw).eval()
     if weights:
-        from edgetok.models import load_weights
+        from edgetok.patch.models import load_weights
 
         load_weights(model, weights)
     norm = {} if no_normalize else stream_normalization(model)
@@ -88,7 +88,7 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
     if backend == "torch":
         stream_fn, full_fn = rp.torch_stream(enc), rp.torch_full(model, **norm)
     else:
-        from edgetok.stream.export import OrtStreamingEncoder, export_full, export_stream
+        from edgetok.export.stream import OrtStreamingEncoder, export_full, export_stream
 
         tmp = tempfile.mkdtemp(prefix="edgetok-stream-")
         click.echo(f"exporting the streaming step and the full encoder to {tmp}", err=True)

@@ -12,7 +12,7 @@ import click
 @click.option("--plugin-library", type=click.Path(), help="libedgetok plugins to ship (tensorrt backend)")
 def triton(path, output, backend, name, max_batch_size, instances, plugin_library):
     """Write a Triton model repository for PATH."""
-    from ..triton import write_repository
+    from ..serve.triton import write_repository
 
     cfg = write_repository(path, output, backend, name, max_batch_size, instances, plugin_library)
     click.echo(f"wrote {cfg}")

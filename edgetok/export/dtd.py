@@ -63,7 +63,7 @@ def _stream(model: nn.Module, threshold: Optional[float]):
         if threshold is not None and threshold != model.threshold:
             raise ExportError(f"threshold {threshold:g} given for a DTDStream built with {model.threshold:g}")
         return model
-    from ..api import apply
+    from ..patch.api import apply
 
     return apply(model, "dtd", threshold=0.1 if threshold is None else threshold, streaming=True)
 
@@ -86,7 +86,7 @@ def stream_parity(path: Path, stream, shape: Sequence[int], batches: Sequence[in
     identical, frame by frame."""
     import onnxruntime as ort
 
-    from ..timing import ort_session_options
+    from ..validate.timing import ort_session_options
 
     opts = ort_session_options()
     opts.log_severity_level = 3
@@ -130,7 +130,7 @@ def export_dtd_step(model: nn.Module, output_dir, *, threshold: Optional[float] 
     frame against DTDStream (see the module docstring for the graph's contract).
     ``batch`` None gives a dynamic batch axis (named "batch"); an int fixes it."""
     from .. import flops as _flops_of
-    from ..models import preprocessing as _pre
+    from ..patch.models import preprocessing as _pre
     from ..patch import adapter_for
 
     step = progress or (lambda _msg: None)

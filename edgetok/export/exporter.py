@@ -191,7 +191,7 @@ def ort_parity(path: Path, batches: Sequence[int], feeds_for: Callable[[int, tor
     makes the named inputs, ``reference(feeds)`` the torch outputs as numpy arrays."""
     import onnxruntime as ort
 
-    from ..timing import ort_session_options
+    from ..validate.timing import ort_session_options
 
     opts = ort_session_options()
     opts.log_severity_level = 3
@@ -418,7 +418,7 @@ def export_model(
 
         report = _flops_of(model, shape) if info is not None else None
         baseline = _flops.count(info, [None] * info.depth) if info is not None else None
-        from ..models import preprocessing as _pre
+        from ..patch.models import preprocessing as _pre
 
         manifest = {
             "manifest_version": _manifest.MANIFEST_VERSION,

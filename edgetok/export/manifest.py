@@ -42,7 +42,7 @@ changes when one does). Fields:
   HF image processor defaults, torchvision weights transforms).
 - ``schedule`` how the per-layer values in ``params`` were chosen: null for an
   unreduced model; {``source``: ``"given"``} when they were given; for
-  ``--schedule auto`` (edgetok.reduce.auto) {``source``: ``"auto"``,
+  ``--schedule auto`` (edgetok.tune.auto) {``source``: ``"auto"``,
   ``method``, ``r``, ``goal`` ({``min_speedup``} or {``budget_ms``}),
   ``backend``, ``batch``, ``predicted_speedup``, ``predicted_ms``,
   ``baseline_ms``, ``fidelity``, ``goal_met``, ``reduced`` (false: nothing

@@ -19,7 +19,7 @@ class token included).
 
 Not implemented: the differentiable rate search itself (it trains on
 ImageNet). Its stand-in is edgetok's latency-aware search
-(edgetok.reduce.auto): ``diffrate`` also takes ``r=`` (tokens removed per
+(edgetok.tune.auto): ``diffrate`` also takes ``r=`` (tokens removed per
 layer, the knob that search tunes: ``auto_schedule(model, method="diffrate")``)
 and splits each layer's r into merges (``merge_share``, rounded) and prunes.
 
@@ -168,7 +168,7 @@ def build_diffrate(depth: int, tokens: int, protect: int, prune=None, merge=None
                    merge_share: float = 0.5, prop_attn: bool = True, protect_first: Optional[int] = None) -> Plan:
     """Rates as ``prune=`` and ``merge=`` (tokens removed per layer: a number, one per
     layer or 'linear:A:B'), ``rate_file=`` (JSON/YAML, see load_rates), or ``r=``
-    removed per layer, ``merge_share`` of it merged (what edgetok.reduce.auto searches)."""
+    removed per layer, ``merge_share`` of it merged (what edgetok.tune.auto searches)."""
     p = protect if protect_first is None else int(protect_first)
     given = [name for name, v in (("rate_file", rate_file), ("r", r)) if v is not None]
     if len(given) + (prune is not None or merge is not None) > 1:

@@ -58,7 +58,7 @@ class OrtRunner(Runner):
                  interleaved: bool = False):
         import onnxruntime as ort
 
-        from ..timing import ort_session_options
+        from ..validate.timing import ort_session_options
 
         opts = ort_session_options(threads, interleaved)
         try:
@@ -117,7 +117,7 @@ class TrtRunner(Runner):
     def __init__(self, art: Artifacts, plugin_lib=None):
         import torch
 
-        from ..trt.env import gpu_info, import_tensorrt, plugin_library, tensorrt_version
+        from .env import gpu_info, import_tensorrt, plugin_library, tensorrt_version
         from ..trt.manifest import check_engine, load_manifest
 
         manifest = load_manifest(art.engine)
@@ -169,7 +169,7 @@ class Trt(Backend):
     name = "trt"
 
     def unavailable(self, art=None):
-        from ..trt.env import gpu_info, tensorrt_version
+        from .env import gpu_info, tensorrt_version
 
         if tensorrt_version() is None:
             return "TensorRT is not installed"

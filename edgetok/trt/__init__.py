@@ -6,7 +6,7 @@ a device build script where TensorRT is missing, engine manifests and checks.
     result = build("out/vit", "jetson-orin-nano")   # engine, cached engine, or build script
 """
 from .builder import BuildError, BuildResult, build
-from .env import GpuInfo, PluginLibraryError, gpu_info, plugin_library, tensorrt_version
+from ..runtime.env import GpuInfo, PluginLibraryError, gpu_info, plugin_library, tensorrt_version
 from .manifest import EngineMismatchError, check_engine, load_manifest
 from .plan import BuildPlan, TargetMismatchError
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 from ..errors import EdgetokError
 from ..runtime.artifacts import ENGINE_NAME, engine_manifest_path, read_json, resolve, sha256_file, write_atomic, write_json
-from .env import (GpuInfo, gpu_info, import_tensorrt, import_tensorrt_rtx, plugin_library, tensorrt_rtx_version,
+from ..runtime.env import (GpuInfo, gpu_info, import_tensorrt, import_tensorrt_rtx, plugin_library, tensorrt_rtx_version,
                   tensorrt_version)
 from .manifest import make_manifest
 from .plan import BuildPlan, TargetMismatchError, sm_name, strongly_typed

@@ -10,7 +10,7 @@ from typing import Optional
 from .. import __version__
 from ..errors import EdgetokError
 from ..runtime.artifacts import engine_manifest_path, read_json
-from .env import GpuInfo
+from ..runtime.env import GpuInfo
 
 SCHEMA = "edgetok.engine/1"
 

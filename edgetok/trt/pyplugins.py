@@ -421,7 +421,7 @@ def _tensorrt(trt=None):
         return trt
     if _RTX_MODULE not in sys.modules:
         prepare_loader()
-    from .env import import_tensorrt_rtx
+    from ..runtime.env import import_tensorrt_rtx
 
     return import_tensorrt_rtx()
 

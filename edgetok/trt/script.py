@@ -35,9 +35,9 @@ def plugin_sources() -> Optional[Path]:
 
 def plugin_build_commands(sm: Optional[int]) -> tuple[list[str], str]:
     """(shell commands building the TensorRT plugin library in the bundle, the library they produce);
-    the CMake options are those edgetok.plugins.build uses."""
+    the CMake options are those edgetok.ops.plugins.build uses."""
     try:
-        from ..plugins import LIBRARIES
+        from ..ops.plugins import LIBRARIES
 
         name = LIBRARIES["trt"]
     except (ImportError, KeyError):

@@ -113,7 +113,7 @@ def _machine() -> dict:
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count()}
-    from ..trt.env import gpu_info, tensorrt_version
+    from ..runtime.env import gpu_info, tensorrt_version
 
     gpu = gpu_info()
     info["gpu"] = gpu.to_dict() if gpu else None

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import EdgetokError, ScheduleError
 from ..patch.base import block_forward
-from .registry import get_method
+from ..reduce.registry import get_method
 
 BACKENDS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda")
 MARGIN = 0.02  # a schedule must be predicted at least 2% faster than baseline to count as faster
@@ -79,7 +79,7 @@ class CostTable:
 
 
 def cache_key(info, backend: str, batch: int, model_name: str = "") -> dict:
-    from ..timing import machine_facts
+    from ..validate.timing import machine_facts
 
     m = machine_facts()
     return {
@@ -222,7 +222,7 @@ def _timer(backend: str) -> Callable:
 
 
 def _time_torch(backend):
-    from ..timing import interleaved, summary
+    from ..validate.timing import interleaved, summary
 
     if backend == "torch-cuda" and not torch.cuda.is_available():
         raise EdgetokError("backend torch-cuda needs a CUDA device; none is visible")
@@ -245,7 +245,7 @@ def _time_ort(backend):
     import onnxruntime as ort
 
     from ..ops.onnx import add_functions, custom_translation_table
-    from ..timing import ort_session_options, percentile
+    from ..validate.timing import ort_session_options, percentile
 
     providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     if providers[0] not in ort.get_available_providers():
@@ -356,8 +356,8 @@ def search(table: CostTable, depth: int, tokens: int, fidelity_fn: Callable[[lis
 
 def cosine_fidelity(model, method: str, images, **params) -> Callable[[list[int]], float]:
     """fidelity_fn: mean pooled-feature cosine of model reduced by ``r`` to the unreduced model."""
-    from ..api import apply
-    from ..fidelity import cosine, features
+    from ..patch.api import apply
+    from ..validate.fidelity import cosine, features
 
     _, ref = features(model, images)
     cache: dict[tuple, float] = {}
@@ -377,7 +377,7 @@ def auto_schedule(model, target=None, backend: Optional[str] = None, batch: Opti
                   verify: bool = False, repeats: int = 10, step: Optional[int] = None) -> AutoSchedule:
     """Choose per-layer r for ``model`` on ``target`` (an export config name/path/object)
     or ``backend``; ``images`` calibrate the fidelity (default: the shipped photos)."""
-    from ..api import apply
+    from ..patch.api import apply
     from ..patch import adapter_for
 
     if target is not None:
@@ -448,7 +448,7 @@ def _capper(method: str, info) -> Optional[Callable[[list[int]], Optional[list[i
 
 def _calibration_images(info, n: int = 4):
     try:
-        from ..fidelity import labelled_set
+        from ..validate.fidelity import labelled_set
 
         return labelled_set(size=info.image_size[0], per_class=2, classes=n // 2).x
     except EdgetokError:

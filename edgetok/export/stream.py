@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgetokError, MissingDependencyError
-from .encoder import StepOutput, StreamingEncoder, StreamState, default_budget
+from ..patch.stream import StepOutput, StreamingEncoder, StreamState, default_budget
 
 INPUTS = ["frame", "ref", "k_cache", "v_cache", "token_cache", "refresh"]
 OUTPUTS = ["tokens", "changed_tokens", "idx", "valid", "changed", "ref_out", "k_cache_out", "v_cache_out"]
@@ -86,7 +86,7 @@ class FullEncoder(nn.Module):
         self.model, self.mean, self.std = model, mean, std
 
     def forward(self, frame):
-        from .encoder import encode_full
+        from ..patch.stream import encode_full
 
         return encode_full(self.model, frame, self.mean, self.std)
 
@@ -161,7 +161,7 @@ def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int
 def export_full(model: nn.Module, path, batch: int = 1, opset: int = 18, mean=None, std=None) -> Path:
     """The plain encoder (frame -> tokens [B,N,C]) as ONNX, for timing the stream against it in ORT
     (``mean``/``std``: the normalisation inside, as in StreamingEncoder)."""
-    from .encoder import _adapter
+    from ..patch.stream import _adapter
 
     info = _adapter(model).info(model)
     path = Path(path)
@@ -183,9 +183,9 @@ class OrtStreamingEncoder:
         root = Path(path)
         mf = root / "stream.json"
         if not mf.is_file():
-            raise EdgetokError(f"{root} has no stream.json; write it with edgetok.stream.export.export_stream")
+            raise EdgetokError(f"{root} has no stream.json; write it with edgetok.export.stream.export_stream")
         self.manifest = json.loads(mf.read_text())
-        from ..timing import ort_session_options
+        from ..validate.timing import ort_session_options
 
         # the delta and full graphs take turns (every refresh), so by default their idle threads do not spin
         opts = ort_session_options(threads, interleaved)
@@ -194,7 +194,7 @@ class OrtStreamingEncoder:
         missing = [n for n in ("change", "delta", "full") if n not in g]
         if missing:
             raise EdgetokError(f"{root} is a stream export of an older edgetok (no {', '.join(missing)} graph); "
-                               "re-export it with edgetok.stream.export.export_stream")
+                               "re-export it with edgetok.export.stream.export_stream")
         self.sessions = {n: ort.InferenceSession(str(root / f), opts, providers=prov) for n, f in g.items()}
         self.reset()
 

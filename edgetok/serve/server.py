@@ -35,9 +35,9 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import EdgetokError, MissingDependencyError
+from ..errors import EdgetokError, MissingDependencyError
 
-LOG = logging.getLogger("edgetok.serve")
+LOG = logging.getLogger("edgetok.serve.server")
 DEFAULT_PORT = 8000
 
 
@@ -98,7 +98,7 @@ class Server:
     """
 
     def __init__(self, path, config: Optional[ServeConfig] = None, **options):
-        from . import runtime as rt
+        from .. import runtime as rt
 
         self.config = config or ServeConfig()
         if self.config.instances < 1 or self.config.max_batch < 1:

@@ -1,5 +1,5 @@
 """``edgetok export --schedule auto --target CONFIG``: per-layer r chosen for the
-export config's backend by edgetok.reduce.auto (DiffRate-style greedy search,
+export config's backend by edgetok.tune.auto (DiffRate-style greedy search,
 arXiv:2305.17997, on a measured cost table), recorded in the manifest.
 
 The backend is the one the config runs: ONNX Runtime CPU or CUDA, whose cost
@@ -22,7 +22,7 @@ from ..errors import ScheduleError
 
 def backend_for(config) -> str:
     """The cost-table backend of an export config (ort-cpu / ort-cuda)."""
-    from ..reduce.auto import backend_for_config
+    from .auto import backend_for_config
 
     if config.runtime == "tensorrt":
         raise ScheduleError(
@@ -47,7 +47,7 @@ def choose(model: nn.Module, config, method: str = "tome", batch: Optional[int] 
            cache: Optional[os.PathLike] = None, table=None, images=None, repeats: int = 10):
     """(AutoSchedule, manifest record) for ``model`` on ``config``'s backend at ``batch``
     (default: the config's opt batch). ``table`` replaces the measured/cached cost table."""
-    from ..reduce.auto import auto_schedule, measure_table
+    from .auto import auto_schedule, measure_table
 
     if (budget_ms is None) == (min_speedup is None):
         raise ScheduleError("--schedule auto needs exactly one goal: --min-speedup X or --budget-ms Y")

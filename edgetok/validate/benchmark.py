@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .api import flops
+from ..patch.api import flops
 from .timing import interleaved, summary
 
 

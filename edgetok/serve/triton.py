@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .errors import EdgetokError
-from .runtime.artifacts import TensorSpec, resolve, write_atomic
+from ..errors import EdgetokError
+from ..runtime.artifacts import TensorSpec, resolve, write_atomic
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                 "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "bfloat16": "TYPE_BF16"}
@@ -44,7 +44,7 @@ def write_repository(path, output, backend: str = "onnxruntime", name: Optional[
         )
     needs_plugin = False
     if backend == "onnxruntime":
-        from .trt.plan import edgetok_ops
+        from ..trt.plan import edgetok_ops
 
         nodes, bodies = edgetok_ops(art.onnx)
         if nodes - bodies:
@@ -76,7 +76,7 @@ def write_repository(path, output, backend: str = "onnxruntime", name: Optional[
     readme = [f"# Triton model repository for {name}", "",
               f"Backend: {backend} (`{platform}`), written by edgetok.", ""]
     if needs_plugin:
-        from .trt.env import plugin_library
+        from ..runtime.env import plugin_library
 
         lib = plugin_library(plugin_lib)
         dest = repo / "plugins" / lib.name

@@ -7,11 +7,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import EdgetokError, InputShapeError
-from .patch import adapter_for, reduce_model
-from .patch.base import run_blocks
-from .reduce import flops as _flops
-from .reduce.registry import get_method, methods  # noqa: F401  (re-exported)
+from ..errors import EdgetokError, InputShapeError
+from . import adapter_for, reduce_model
+from .base import run_blocks
+from ..reduce import flops as _flops
+from ..reduce.registry import get_method, methods  # noqa: F401  (re-exported)
 
 
 def _bind(method, params: dict) -> None:

@@ -76,7 +76,7 @@ class StepOutput:
 
 
 def _adapter(model):
-    from ..patch import adapter_for
+    from . import adapter_for
 
     if hasattr(model, "edgetok_plan"):
         raise EdgetokError("the streaming encoder needs the original model, not one reduced by edgetok.apply")
@@ -304,7 +304,7 @@ class StreamingEncoder(nn.Module):
 def stream_normalization(model: nn.Module) -> dict:
     """{"mean": ..., "std": ...} the model expects (timm / Hugging Face / torchvision
     configs), or {} when unknown: keyword arguments for StreamingEncoder and encode_full."""
-    from ..models import preprocessing
+    from .models import preprocessing
 
     pre = preprocessing(model, None, _adapter(model).info(model).image_size)
     return {"mean": pre["mean"], "std": pre["std"]} if pre and pre.get("mean") and pre.get("std") else {}
@@ -313,7 +313,7 @@ def stream_normalization(model: nn.Module) -> dict:
 def encode_full(model: nn.Module, frames: Tensor, mean=None, std=None) -> Tensor:
     """Every token of every frame through every block: the reference the stream is compared with
     (``mean``/``std`` as in StreamingEncoder)."""
-    from ..patch.base import run_blocks
+    from .base import run_blocks
 
     adapter = _adapter(model)
     frames = Normalize(mean, std, frames.shape[1]).to(frames.device)(frames)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EdgetokError, MissingDependencyError
-from .patch import adapter_for
-from .patch.base import run_blocks, weighted_mean
+from ..errors import EdgetokError, MissingDependencyError
+from ..patch import adapter_for
+from ..patch.base import run_blocks, weighted_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

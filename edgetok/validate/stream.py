@@ -61,7 +61,7 @@ def ort_stream(runner) -> StreamFn:
 
 
 def torch_full(model, mean=None, std=None) -> FullFn:
-    from .encoder import encode_full
+    from ..patch.stream import encode_full
 
     return lambda frame: encode_full(model, frame, mean, std)
 
@@ -69,7 +69,7 @@ def torch_full(model, mean=None, std=None) -> FullFn:
 def ort_full(path, threads=None) -> FullFn:
     import onnxruntime as ort
 
-    from ..timing import ort_session_options
+    from .timing import ort_session_options
 
     opts = ort_session_options(threads, interleaved=True)  # timed in turns with the streaming step
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -73,7 +73,7 @@ def import_tensorrt_rtx():
     import sys
 
     if RTX_MODULE not in sys.modules and importlib.util.find_spec(RTX_MODULE) is not None:
-        from .pyplugins import PluginLoaderError, prepare_loader
+        from ..trt.pyplugins import PluginLoaderError, prepare_loader
 
         try:
             prepare_loader()
@@ -114,7 +114,7 @@ def gpu_info() -> Optional[GpuInfo]:
 
 def plugin_library(explicit: Optional[os.PathLike] = None) -> Path:
     """The edgetok plugin library: ``explicit``, $EDGETOK_PLUGIN_LIBRARY, or
-    ``edgetok.plugins.library_path()``. Raises PluginLibraryError naming the fix."""
+    ``edgetok.ops.plugins.library_path()``. Raises PluginLibraryError naming the fix."""
     candidate = explicit or os.environ.get("EDGETOK_PLUGIN_LIBRARY")
     if candidate:
         p = Path(candidate)
@@ -125,16 +125,16 @@ def plugin_library(explicit: Optional[os.PathLike] = None) -> Path:
             )
         return p
     try:
-        from .. import plugins
+        from ..ops import plugins
     except ImportError as e:
         raise PluginLibraryError(
-            f"cannot locate the edgetok plugin library: edgetok.plugins is unavailable ({e}); "
+            f"cannot locate the edgetok plugin library: edgetok.ops.plugins is unavailable ({e}); "
             "pass --plugin-library PATH or set EDGETOK_PLUGIN_LIBRARY"
         ) from None
     locate = getattr(plugins, "library_path", None)
     if locate is None:
         raise PluginLibraryError(
-            "edgetok.plugins has no library_path(); pass --plugin-library PATH or set EDGETOK_PLUGIN_LIBRARY"
+            "edgetok.ops.plugins has no library_path(); pass --plugin-library PATH or set EDGETOK_PLUGIN_LIBRARY"
         )
     try:
         path = locate("trt")

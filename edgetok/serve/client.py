@@ -3,7 +3,7 @@
 Works against ``edgetok serve`` and against a Triton server running the model
 repository ``edgetok triton`` writes (both describe the same tensors).
 
-    from edgetok.client import Client
+    from edgetok.serve.client import Client
     with Client("127.0.0.1:8000", "vit", preprocess="out/vit") as c:   # the export dir: its preprocessing
         out = c.infer(photos)                                          # {output name: numpy array}
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import EdgetokError, MissingDependencyError
+from ..errors import EdgetokError, MissingDependencyError
 
 PROTOCOLS = ("http", "grpc")
 
@@ -129,12 +129,12 @@ def _numpy_type(datatype: str):
 
 def _preprocessor(preprocess, input_dims):
     """None, a Preprocessor, or an export directory / manifest.json whose preprocessing to use."""
-    from .runtime.preprocess import Preprocessor
+    from ..runtime.preprocess import Preprocessor
 
     if preprocess is None or isinstance(preprocess, Preprocessor):
         return preprocess
     if isinstance(preprocess, (str, Path)):
-        from .runtime.artifacts import EXPORT_MANIFEST, read_json
+        from ..runtime.artifacts import EXPORT_MANIFEST, read_json
 
         p = Path(preprocess)
         p = p / EXPORT_MANIFEST if p.is_dir() else p

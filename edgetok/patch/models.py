@@ -25,7 +25,7 @@ from typing import Optional
 
 from torch import nn
 
-from .errors import EdgetokError
+from ..errors import EdgetokError
 
 
 class ModelError(EdgetokError, ValueError):
@@ -118,7 +118,7 @@ def create_model(name: Optional[str] = None, *, module: Optional[str] = None, we
 def load_weights(model: nn.Module, path) -> None:
     """Load a local checkpoint (.safetensors, .pt/.pth/.bin state dict, or an ONNX
     file's initializers) into ``model``; names of other families are converted
-    where edgetok.weights knows how (HF DINOv2 <-> timm). Every key must fit."""
+    where edgetok.patch.weights knows how (HF DINOv2 <-> timm). Every key must fit."""
     from .weights import load_weights as load_into_model
 
     load_into_model(path, model=model)

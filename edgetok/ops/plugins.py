@@ -26,9 +26,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import EdgetokError, MissingDependencyError
+from ..errors import EdgetokError, MissingDependencyError
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "plugins"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "plugins"
 DEFAULT_ARCHS = ("75", "80", "86", "87", "89", "90")  # T4, A100, RTX 30xx, Orin, L4, H100
 LIBRARIES = {
     "kernels": "libedgetok_kernels.so",
@@ -209,7 +209,7 @@ def _usable(*tensors):
 def cuda_token_merge(x, metric, size, r: int, protect_first: int):
     import torch
 
-    from .reduce.tome import bipartite_merge, check_merge
+    from ..reduce.tome import bipartite_merge, check_merge
 
     b, n, c = x.shape
     check_merge(n, r, protect_first)
@@ -234,7 +234,7 @@ def cuda_token_merge(x, metric, size, r: int, protect_first: int):
 def cuda_token_drop(x, score, keep: int, protect_first: int, fuse_dropped: int):
     import torch
 
-    from .reduce.drop import check_keep, top_k_drop
+    from ..reduce.drop import check_keep, top_k_drop
 
     b, n, c = x.shape
     check_keep(n, keep, protect_first)
@@ -260,7 +260,7 @@ def cuda_token_drop(x, score, keep: int, protect_first: int, fuse_dropped: int):
 def cuda_threshold_merge(x, metric, size, threshold: float, protect_first: int):
     import torch
 
-    from .reduce.dymu import threshold_merge
+    from ..reduce.dymu import threshold_merge
 
     b, n, c = x.shape
     lib = _usable(x, metric, size)
@@ -300,7 +300,7 @@ def register_cuda_kernels() -> None:
         return
     import torch
 
-    from .ops import library  # noqa: F401  (defines the ops)
+    from . import library  # noqa: F401  (defines the ops)
 
     for name, fn in CUDA_IMPLS.items():
         torch.library.register_kernel(name, "cuda", fn)
