@@ -19,6 +19,7 @@ COMMANDS = {
     "plugins": "edgetok.commands.plugins:plugins",
     "stream": "edgetok.commands.stream:stream",
     "serve": "edgetok.commands.serve:serve",
+    "finetune": "edgetok.commands.finetune:finetune_cmd",
 }
 
 
