@@ -146,6 +146,54 @@ def check_data(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]) -> 
 
 
 # -- training --------------------------------------------------------------------------------------
+_GRADIENTS = False
+
+
+def register_gradients() -> None:
+    """Backward formulas for edgetok::token_drop and edgetok::token_merge (the ops have
+    none: they are for inference and export). The backward re-runs the op's own torch
+    reference (edgetok.reduce.drop.top_k_drop / edgetok.reduce.tome.bipartite_merge) on
+    the saved inputs and takes its vector-Jacobian product, so no logic is written twice:
+    gradients reach the kept / merged tokens (and the scores through EViT's fused token);
+    the selection itself is piecewise constant. Registered once per process; inference
+    and export are unaffected."""
+    global _GRADIENTS
+    if _GRADIENTS:
+        return
+    from ..reduce.drop import top_k_drop
+    from ..reduce.tome import bipartite_merge
+
+    def drop_setup(ctx, inputs, output):
+        x, score, keep, protect, fuse = inputs
+        ctx.save_for_backward(x, score)
+        ctx.args = (keep, protect, bool(fuse))
+
+    def drop_backward(ctx, grad_out, _grad_idx):
+        x, score = ctx.saved_tensors
+        with torch.enable_grad():
+            xd, sd = x.detach().requires_grad_(), score.detach().requires_grad_()
+            out, _ = top_k_drop(xd, sd, *ctx.args)
+            gx, gs = torch.autograd.grad(out, (xd, sd), grad_out, allow_unused=True)
+        return gx, gs, None, None, None
+
+    def merge_setup(ctx, inputs, output):
+        x, metric, size, r, protect = inputs
+        ctx.save_for_backward(x, metric, size)
+        ctx.args = (r, protect)
+
+    def merge_backward(ctx, grad_out, grad_size):
+        x, metric, size = ctx.saved_tensors
+        with torch.enable_grad():
+            xd, szd = x.detach().requires_grad_(), size.detach().requires_grad_()
+            out, out_size = bipartite_merge(xd, metric.detach(), szd, *ctx.args)
+            gx, gsz = torch.autograd.grad((out, out_size), (xd, szd), (grad_out, grad_size), allow_unused=True)
+        return gx, None, gsz, None, None
+
+    torch.library.register_autograd("edgetok::token_drop", drop_backward, setup_context=drop_setup)
+    torch.library.register_autograd("edgetok::token_merge", merge_backward, setup_context=merge_setup)
+    _GRADIENTS = True
+
+
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     from ..patch.clca import head_parameters as _head
 
@@ -225,6 +273,7 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe 
     lr and seconds. Returns {"steps", "history": [[step, loss], ...], "seconds", "resumed_from"}.
     """
     check_data(model, x, y)
+    register_gradients()
     opt = _optimizer(model, recipe)
     start, history, resumed = 0, [], None
     path = Path(checkpoint) if checkpoint is not None else None
@@ -258,16 +307,16 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe 
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
         loss = F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss.detach()):
             raise EdgetokError(f"the loss became {float(loss)} at step {step}; lower the learning rates")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append([step + 1, float(loss)])
+        history.append([step + 1, loss.item()])
         if path is not None and ((step + 1) % every == 0 or step + 1 == recipe.steps):
             save(step + 1)
         if progress is not None:
-            progress({"step": step + 1, "steps": recipe.steps, "loss": float(loss),
+            progress({"step": step + 1, "steps": recipe.steps, "loss": history[-1][1],
                       "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
     model.eval()
     for p in model.parameters():
