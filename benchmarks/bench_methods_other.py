@@ -27,7 +27,10 @@ import torch
 import edgetok
 from edgetok.validate.benchmark import compare
 from edgetok.patch.hf_detr import detr_encoder
-from edgetok.reduce import flexdit, focus_detr, mrt5
+from edgetok.patch.dit import at_factor, flexdit as flexdit_model
+from edgetok.patch.focus_detr import focus_detr as focus_detr_model
+from edgetok.patch.hf_t5 import mrt5 as mrt5_model
+from edgetok.reduce import focus_detr
 from edgetok.validate.timing import interleaved, machine_facts, summary
 
 
@@ -111,7 +114,7 @@ def bench_focus_detr(tiny: bool, repeats: int) -> list[dict]:
     n = enc_in["inputs_embeds"].shape[1]
     variants = {}
     for rate in (0.3, 0.5):
-        red = detr_encoder(focus_detr.apply(base, keep_rate=rate))
+        red = detr_encoder(focus_detr_model(base, keep_rate=rate))
         keeps = [focus_detr.keep_count(n, rate)] * layers
         variants[f"focus_detr keep_rate={rate}"] = ((lambda e=red: e(**enc_in)),
                                                     detr_encoder_flops(n, d, ffn, layers, keeps, scorer=True))
@@ -148,7 +151,7 @@ def bench_focus_deformable_detr(tiny: bool, repeats: int) -> list[dict]:
     shape = (n, d, ffn, layers, heads, levels, points)
     variants = {}
     for rates in ((0.3,), (0.5, 0.4, 0.3, 0.3, 0.2, 0.1)[:layers]):
-        red = deformable_detr_encoder(focus_detr.apply(base, keep_rate=rates[0] if len(rates) == 1 else list(rates)))
+        red = deformable_detr_encoder(focus_detr_model(base, keep_rate=rates[0] if len(rates) == 1 else list(rates)))
         keeps = [focus_detr.keep_count(n, r) for r in red.edgetok_plan.params["keep_rate"]]
         name = "focus_detr keep_rate=" + ",".join(str(r) for r in rates)
         variants[name] = ((lambda e=red: e(**enc_in)), deformable_encoder_flops(*shape, keeps, scorer=True))
@@ -174,7 +177,7 @@ def bench_mrt5(tiny: bool, repeats: int) -> list[dict]:
     per = [t5_layer_flops(n, cfg.d_model, inner, cfg.d_ff, gated)] * cfg.num_layers
     variants = {}
     for max_keep in (n // 4, n // 2):
-        red = mrt5.apply(base, layer=layer, max_keep=max_keep)
+        red = mrt5_model(base, layer=layer, max_keep=max_keep)
         fl = sum(per[: layer + 1]) + 2 * n * cfg.d_model + sum(
             t5_layer_flops(max_keep, cfg.d_model, inner, cfg.d_ff, gated) for _ in range(layer + 1, cfg.num_layers))
         variants[f"mrt5 layer={layer} max_keep={max_keep}"] = ((lambda m=red: m(input_ids=ids)), fl)
@@ -191,11 +194,11 @@ def bench_flexdit(tiny: bool, repeats: int) -> list[dict]:
     g, d, depth = base.grid, kw["hidden"], kw["depth"]
     x, y = torch.randn(1, 4, kw["input_size"], kw["input_size"]), torch.tensor([1])
     t = torch.tensor([999])
-    red = flexdit.apply(base)
+    red = flexdit_model(base)
     start, end = red.edgetok_plan.params["sparse_layers"]
     variants = {}
     for f in (2, 4) if g % 4 == 0 else (2,):
-        fixed = flexdit.at_factor(red, f)
+        fixed = at_factor(red, f)
         fl = sum(dit_block_flops((g // f) ** 2 if start <= i < end else g * g, d) for i in range(depth))
         variants[f"flexdit factor={f} sparse_layers=({start},{end})"] = ((lambda m=fixed: m(x, t, y)), fl)
     arch = f"DiT ({'tiny' if tiny else 'DiT-S/2 shape'}, {g * g} tokens)"

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 # (model, method, params): ToMe r as in the paper's speed settings (ViT-S r=13, ViT-B r=16, clamped at the last
@@ -33,19 +31,9 @@ QUICK = {"vit_tiny_patch16_224": [("tome", {"r": 8}), ("drop", {"keep_rate": 0.7
 
 
 def session(path: str, threads: int):
-    import onnxruntime as ort
+    from edgetok.runtime.backends import ort_session
 
-    from edgetok.validate.timing import ort_session_options
-
-    opts = ort_session_options(threads, interleaved=True)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
-def time_once(sess, feed) -> float:
-    t = time.perf_counter()
-    sess.run(None, feed)
-    return (time.perf_counter() - t) * 1e3
+    return ort_session(path, threads=threads, interleaved=True)
 
 
 def bench_model(name, variants, batches, repeats, warmup, threads, workdir):
@@ -55,6 +43,7 @@ def bench_model(name, variants, batches, repeats, warmup, threads, workdir):
 
     import edgetok
     from edgetok.export.exporter import export_onnx
+    from edgetok.validate.timing import interleaved, median, percentile
 
     base = timm.create_model(name, pretrained=False).eval()
     shape = (3, *base.patch_embed.img_size)
@@ -71,19 +60,14 @@ def bench_model(name, variants, batches, repeats, warmup, threads, workdir):
     rows = []
     for b in batches:
         feed = {"pixel_values": np.random.default_rng(0).standard_normal((b, *shape), dtype=np.float32)}
-        for s in sessions.values():
-            for _ in range(warmup):
-                s.run(None, feed)
-        times = {label: [] for label in sessions}
-        for _ in range(repeats):  # interleaved rounds
-            for label, s in sessions.items():
-                times[label].append(time_once(s, feed))
-        base_ms = statistics.median(times["baseline"])
+        times = interleaved({label: (lambda s=s: s.run(None, feed)) for label, s in sessions.items()},
+                            repeats=repeats, warmup=warmup)
+        base_ms = median(times["baseline"])
         for label, ts in times.items():
-            med = statistics.median(ts)
+            med = median(ts)
             rows.append({
                 "model": name, "variant": label, "batch": b, "median_ms": round(med, 3),
-                "p90_ms": round(sorted(ts)[int(0.9 * (len(ts) - 1))], 3),
+                "p90_ms": round(percentile(ts, 90), 3),
                 "speedup": round(base_ms / med, 3), "flops_ratio": round(models[label][1], 3),
             })
             print(f"{name:24s} {label:48s} bs{b:<3d} {med:8.2f} ms  speed-up {base_ms / med:5.2f}x  "
@@ -104,7 +88,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny, batch 1, 5 rounds")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/ort_cpu[_quick].json)")
     a = p.parse_args(argv)
-    from edgetok.validate.timing import machine_facts, share_ort_threads
+    from edgetok.runtime.backends import share_ort_threads
+    from edgetok.validate.timing import machine_facts
 
     share_ort_threads(a.threads)  # the sessions take turns: one pool, no idle pool spinning on the cores
     variants = QUICK if a.quick else VARIANTS

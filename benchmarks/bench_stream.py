@@ -33,7 +33,8 @@ import edgetok.ops.library  # noqa: F401
 from edgetok.patch.stream import StreamingEncoder, stream_normalization
 from edgetok.validate import stream as rp
 from edgetok.runtime.video import SAMPLE_CLIPS, frames, probe, sample_clip
-from edgetok.validate.timing import machine_facts, share_ort_threads
+from edgetok.runtime.backends import share_ort_threads
+from edgetok.validate.timing import machine_facts
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -80,7 +81,8 @@ def main() -> None:
     args.budget = args.budget or max(1, min(n_patch, round(args.budget_share * n_patch)))
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     if "ort" in backends:
-        from edgetok.export.stream import OrtStreamingEncoder, export_full, export_stream
+        from edgetok.export.stream import export_full, export_stream
+        from edgetok.runtime.stream import OrtStreamingEncoder
 
         full_onnx = export_full(model, work / "full.onnx", **norm)
 

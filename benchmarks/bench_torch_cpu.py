@@ -19,7 +19,7 @@ import torch
 
 import edgetok
 from edgetok.validate.benchmark import compare
-from edgetok.reduce.dymu import calibrate
+from edgetok.tune.calibrate import calibrate
 from edgetok.validate.timing import machine_facts
 
 MODELS = {"vit_small_patch16_224": 8, "vit_base_patch16_224": 16}  # ToMe r per model (the paper's settings)

@@ -12,7 +12,7 @@ register_cuda_kernels()  # fused CUDA kernels for the ops where plugins/ is buil
 from .patch.api import apply, flops, methods, token_counts
 from .errors import EdgetokError, ScheduleError, UnknownMethodError, UnsupportedModelError
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "apply",

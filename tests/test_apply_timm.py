@@ -8,6 +8,7 @@ import torch
 import edgetok
 from edgetok.errors import EdgetokError, InputShapeError, ScheduleError, UnknownMethodError, UnsupportedModelError
 from edgetok.reduce import Linear
+from edgetok.tune.calibrate import calibrate
 
 import manual
 from conftest import tiny_vit
@@ -67,7 +68,7 @@ def test_dymu_batch_padding_does_not_leak():
         model = tiny_vit(global_pool=pool, depth=4)
         x = torch.randn(3, 3, 32, 32)
         x[1] = x[1].mean()  # a flat image merges much more than noise
-        thresholds = edgetok.reduce.dymu.calibrate(model, x, r=3)
+        thresholds = calibrate(model, x, r=3)
         reduced = edgetok.apply(model, "dymu", threshold=thresholds)
         with torch.no_grad():
             together = reduced(x)

@@ -14,7 +14,10 @@ from conftest import tiny_vit
 
 import edgetok
 from edgetok.errors import ScheduleError, UnsupportedModelError
-from edgetok.reduce import flexdit, focus_detr, mrt5
+from edgetok.patch.dit import at_factor, flexdit as flexdit_model
+from edgetok.patch.focus_detr import focus_detr as focus_detr_model
+from edgetok.patch.hf_t5 import mrt5 as mrt5_model
+from edgetok.reduce import focus_detr, mrt5
 
 importlib.import_module("edgetok.reduce.methods")  # registers the built-in methods
 TOL = 1e-5
@@ -99,7 +102,7 @@ def detr():
 def test_focus_detr_keep_all_equals_model(detr):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        a, b = detr(pixel_values=x), focus_detr.apply(detr, keep_rate=1.0)(pixel_values=x)
+        a, b = detr(pixel_values=x), focus_detr_model(detr, keep_rate=1.0)(pixel_values=x)
     assert (a.last_hidden_state - b.last_hidden_state).abs().max() <= TOL
     assert (a.encoder_last_hidden_state - b.encoder_last_hidden_state).abs().max() <= TOL
 
@@ -108,7 +111,7 @@ def test_focus_detr_matches_naive_with_padding(detr):
     x = torch.randn(2, 3, 64, 96)
     pm = torch.ones(2, 64, 96, dtype=torch.long)
     pm[1, :, 64:] = 0  # second image padded on the right
-    red = focus_detr.apply(detr, keep_rate=[0.5, 0.25])
+    red = focus_detr_model(detr, keep_rate=[0.5, 0.25])
     seen = {}
     enc = red.encoder
     enc.register_forward_hook(lambda m, args, kwargs, out: seen.update(kwargs=kwargs, out=out), with_kwargs=True)
@@ -126,7 +129,7 @@ def test_focus_detr_exports_and_scorer_file(detr, tmp_path):
     scorer = focus_detr.ForegroundScorer(32, seed=3)
     path = tmp_path / "scorer.pt"
     torch.save(scorer.state_dict(), path)
-    red = focus_detr.apply(detr, keep_rate=[0.5, 0.3], scorer_path=str(path))
+    red = focus_detr_model(detr, keep_rate=[0.5, 0.3], scorer_path=str(path))
     assert torch.equal(red.encoder.focus_scorer.mlp[0].weight, scorer.mlp[0].weight)
     x = torch.randn(1, 3, 64, 96)
     wrapped = Outputs(red, lambda m, px: m(pixel_values=px).last_hidden_state).eval()
@@ -135,9 +138,9 @@ def test_focus_detr_exports_and_scorer_file(detr, tmp_path):
         assert np.abs(out - wrapped(x).numpy()).max() <= 1e-4
     assert ops == ["TokenDrop", "TokenDrop"]
     with pytest.raises(UnsupportedModelError, match="not a Hugging Face DETR"):
-        focus_detr.apply(tiny_vit())
+        focus_detr_model(tiny_vit())
     with pytest.raises(ScheduleError, match=r"must be in \(0, 1\]"):
-        focus_detr.apply(detr, keep_rate=0.0)
+        focus_detr_model(detr, keep_rate=0.0)
 
 
 # -- Focus-DETR on Deformable-DETR (multi-scale) -----------------------------------
@@ -166,14 +169,14 @@ def test_focus_deformable_detr_keep_all_equals_model(deformable_detr):
     x, pm = padded_images()
     with torch.no_grad():
         a = deformable_detr(pixel_values=x, pixel_mask=pm)
-        b = focus_detr.apply(deformable_detr, keep_rate=1.0)(pixel_values=x, pixel_mask=pm)
+        b = focus_detr_model(deformable_detr, keep_rate=1.0)(pixel_values=x, pixel_mask=pm)
     assert (a.last_hidden_state - b.last_hidden_state).abs().max() <= TOL
     assert (a.encoder_last_hidden_state - b.encoder_last_hidden_state).abs().max() <= TOL
 
 
 def test_focus_deformable_detr_matches_naive_with_padding(deformable_detr):
     x, pm = padded_images()
-    red = focus_detr.apply(deformable_detr, keep_rate=[0.5, 0.25], seed=4)
+    red = focus_detr_model(deformable_detr, keep_rate=[0.5, 0.25], seed=4)
     enc = red.encoder
     assert enc.focus_scorer.levels == 3 and enc.focus_scorer.alpha.abs().min() > 0
     seen = {}
@@ -193,7 +196,7 @@ def test_focus_deformable_detr_exports_and_scorer_levels(deformable_detr, tmp_pa
     scorer = focus_detr.ForegroundScorer(32, seed=3, levels=3)
     path = tmp_path / "scorer.pt"
     torch.save(scorer.state_dict(), path)
-    red = focus_detr.apply(deformable_detr, keep_rate=0.4, scorer_path=str(path))
+    red = focus_detr_model(deformable_detr, keep_rate=0.4, scorer_path=str(path))
     assert torch.equal(red.encoder.focus_scorer.alpha, scorer.alpha)
     x = torch.randn(1, 3, 64, 96)
     wrapped = Outputs(red, lambda m, px: m(pixel_values=px).encoder_last_hidden_state).eval()
@@ -202,10 +205,10 @@ def test_focus_deformable_detr_exports_and_scorer_levels(deformable_detr, tmp_pa
         assert np.abs(out - wrapped(x).numpy()).max() <= 1e-4
     assert ops == ["TokenDrop", "TokenDrop"]
     with pytest.raises(ScheduleError, match="the model has 3"):
-        focus_detr.apply(deformable_detr, scorer=focus_detr.ForegroundScorer(32))
+        focus_detr_model(deformable_detr, scorer=focus_detr.ForegroundScorer(32))
     torch.save(focus_detr.ForegroundScorer(32).state_dict(), path)
     with pytest.raises(ScheduleError, match="does not fit a scorer of width 32 and 3 feature level"):
-        focus_detr.apply(deformable_detr, scorer_path=str(path))
+        focus_detr_model(deformable_detr, scorer_path=str(path))
 
 
 # -- MrT5 ----------------------------------------------------------------------
@@ -229,7 +232,7 @@ def byte_batch():
 
 def test_mrt5_gate_keeping_everything_equals_model(t5):
     ids, mask = byte_batch()
-    red = mrt5.apply(t5, layer=1, max_keep=12)
+    red = mrt5_model(t5, layer=1, max_keep=12)
     with torch.no_grad():
         red.encoder.mrt5_steps[0].gate.proj.bias.fill_(-50.0)  # sigmoid ~ 0: no token deleted
         a = t5(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -242,7 +245,7 @@ def test_mrt5_gate_keeping_everything_equals_model(t5):
 @pytest.mark.parametrize("max_keep", [None, 10])
 def test_mrt5_matches_naive_hard_deletion(t5, max_keep):
     ids, mask = byte_batch()
-    red = mrt5.apply(t5, layer=1, max_keep=max_keep)
+    red = mrt5_model(t5, layer=1, max_keep=max_keep)
     gate = red.encoder.mrt5_steps[0].gate
     with torch.no_grad():
         out = red(input_ids=ids, attention_mask=mask)
@@ -259,7 +262,7 @@ def test_mrt5_exports_gate_file_and_errors(t5, tmp_path):
     ids, mask = byte_batch()
     gate = mrt5.DeleteGate(32, seed=5)
     torch.save(gate.state_dict(), tmp_path / "gate.pt")
-    red = mrt5.apply(t5, layer=1, max_keep=6, gate_path=str(tmp_path / "gate.pt"))
+    red = mrt5_model(t5, layer=1, max_keep=6, gate_path=str(tmp_path / "gate.pt"))
     assert torch.equal(red.encoder.mrt5_steps[0].gate.proj.weight, gate.proj.weight)
     wrapped = Outputs(red, lambda m, i, a: tuple(m(input_ids=i, attention_mask=a).values())[-3:]).eval()
     outs, ops = export_ort(wrapped, (ids, mask))
@@ -269,9 +272,9 @@ def test_mrt5_exports_gate_file_and_errors(t5, tmp_path):
     assert all(np.array_equal(o, r.numpy()) for o, r in zip(outs[1:], ref[1:]))
     assert ops == ["TokenDrop"]
     with pytest.raises(ScheduleError, match="below the last"):
-        mrt5.apply(t5, layer=2)
+        mrt5_model(t5, layer=2)
     with pytest.raises(ScheduleError, match="max_keep=13"):
-        mrt5.apply(t5, layer=0, max_keep=13)(input_ids=ids)
+        mrt5_model(t5, layer=0, max_keep=13)(input_ids=ids)
 
 
 # -- FlexDiT -------------------------------------------------------------------
@@ -288,7 +291,7 @@ def dit_inputs(t: int):
 
 
 def test_flexdit_dense_stage_equals_model_and_sparse_matches_naive(dit):
-    red = flexdit.apply(dit, sparse_layers=(1, 3), stages=((500, 2), (0, 1)))
+    red = flexdit_model(dit, sparse_layers=(1, 3), stages=((500, 2), (0, 1)))
     x, t, y = dit_inputs(100)
     with torch.no_grad():
         assert torch.equal(red(x, t, y), dit(x, t, y))  # late timestep: factor 1, dense
@@ -298,8 +301,8 @@ def test_flexdit_dense_stage_equals_model_and_sparse_matches_naive(dit):
 
 
 def test_flexdit_fixed_factor_exports_and_errors(dit):
-    red = flexdit.apply(dit)
-    fixed = flexdit.at_factor(red, 2)
+    red = flexdit_model(dit)
+    fixed = at_factor(red, 2)
     x, t, y = dit_inputs(10)
     (out,), _ = export_ort(fixed, (x, t, y))
     with torch.no_grad():
@@ -307,6 +310,6 @@ def test_flexdit_fixed_factor_exports_and_errors(dit):
     with pytest.raises(ScheduleError, match="one timestep per batch"):
         red(x, torch.tensor([10, 900]), y)
     with pytest.raises(ScheduleError, match="must divide"):
-        flexdit.apply(dit, stages=((0, 3),))
+        flexdit_model(dit, stages=((0, 3),))
     with pytest.raises(ScheduleError, match="t_from=0"):
-        flexdit.apply(dit, stages=((500, 2),))
+        flexdit_model(dit, stages=((500, 2),))

@@ -292,7 +292,7 @@ def _frames_with_events():
 def test_exported_step_matches_torch_on_ort(exported):
     import onnx
 
-    from edgetok.export.stream import OrtStreamingEncoder
+    from edgetok.runtime.stream import OrtStreamingEncoder
 
     m, enc, ex = exported
     model = onnx.load(str(ex.delta))
@@ -333,7 +333,8 @@ def test_refresh_path_equals_the_general_step_with_every_stream_refreshed():
 
 def test_exported_batch_of_streams_refreshes_one_stream_like_torch(tmp_path):
     """Two streams, one over the share bound: ORT runs the mixed graph, torch the general step."""
-    from edgetok.export.stream import OrtStreamingEncoder, export_stream
+    from edgetok.export.stream import export_stream
+    from edgetok.runtime.stream import OrtStreamingEncoder
 
     m = tiny_vit(depth=2)
     enc = StreamingEncoder(m, threshold=0.02, max_changed_share=0.5, budget=4)
@@ -358,7 +359,7 @@ def test_exported_batch_of_streams_refreshes_one_stream_like_torch(tmp_path):
 
 def test_stream_session_uses_exported_step(exported):
     import edgetok.runtime as rt
-    from edgetok.export.stream import EncoderSession, OrtStreamingEncoder
+    from edgetok.runtime.stream import EncoderSession, OrtStreamingEncoder
 
     m, enc, ex = exported
     sess = rt.StreamSession(EncoderSession(OrtStreamingEncoder(ex.root)), threshold=1e-4, protect_first=1)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from edgetok.validate.timing import ort_session_options
+from edgetok.runtime.backends import ort_session_options
 
 
 def test_alternating_sessions_turn_spinning_off():
@@ -20,7 +20,7 @@ def test_shared_pool_reaches_every_session_edgetok_creates(tmp_path):
     check, then time against a baseline through validate, all on the one pool."""
     script = textwrap.dedent(f"""
         import timm, torch, edgetok
-        from edgetok.validate.timing import share_ort_threads, ort_threading, ort_session_options
+        from edgetok.runtime.backends import share_ort_threads, ort_threading, ort_session_options
         from edgetok.export import export_model
         from edgetok.validate import validate
         share_ort_threads(2)

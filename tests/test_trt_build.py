@@ -13,7 +13,7 @@ from edgetok.config import list_configs, load_config
 from edgetok.runtime.artifacts import resolve
 from edgetok.trt import BuildPlan, EngineMismatchError, GpuInfo, PluginLibraryError, TargetMismatchError, build
 from edgetok.runtime.env import plugin_library, tensorrt_version
-from edgetok.trt.manifest import check_engine, load_manifest
+from edgetok.runtime.engines import check_engine, load_manifest
 from edgetok.trt.plan import plugin_flag, strongly_typed
 
 TRT_CONFIGS = [n for n in list_configs() if load_config(n).runtime == "tensorrt"]

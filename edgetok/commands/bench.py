@@ -110,10 +110,8 @@ def _timed_fns(models: dict, x, backend: str) -> dict:
         dev = "cuda" if backend == "torch-cuda" else "cpu"
         xd = x.to(dev)
         return {k: (lambda m=m.to(dev): m(xd)) for k, m in models.items()}
-    import onnxruntime as ort
-
     from ..export.exporter import export_onnx
-    from ..validate.timing import ort_session_options
+    from ..runtime.backends import ort_session
 
     providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     fns, feed = {}, x.numpy().astype(np.float32)
@@ -121,8 +119,7 @@ def _timed_fns(models: dict, x, backend: str) -> dict:
 
     for name, m in models.items():
         proto = export_onnx(m, adapter_for(m).info(m).input_shape)
-        sess = ort.InferenceSession(proto.SerializeToString(), ort_session_options(interleaved=True),
-                                    providers=providers)
+        sess = ort_session(proto, providers, interleaved=True)
         inp = sess.get_inputs()[0].name
         fns[name] = lambda s=sess, i=inp: s.run(None, {i: feed})
     return fns

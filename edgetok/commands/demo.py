@@ -23,7 +23,7 @@ def demo(model_name, r, keep_rate, batch, repeats, json_out):
     from rich.table import Table
 
     import edgetok
-    from edgetok.reduce.dymu import calibrate
+    from ..tune.calibrate import calibrate
     from edgetok.validate.benchmark import compare
     from edgetok.validate.timing import machine_facts
 

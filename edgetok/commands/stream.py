@@ -88,7 +88,8 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
     if backend == "torch":
         stream_fn, full_fn = rp.torch_stream(enc), rp.torch_full(model, **norm)
     else:
-        from edgetok.export.stream import OrtStreamingEncoder, export_full, export_stream
+        from edgetok.export.stream import export_full, export_stream
+        from edgetok.runtime.stream import OrtStreamingEncoder
 
         tmp = tempfile.mkdtemp(prefix="edgetok-stream-")
         click.echo(f"exporting the streaming step and the full encoder to {tmp}", err=True)

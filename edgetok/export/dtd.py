@@ -49,7 +49,7 @@ class DTDStep(nn.Module):
         self.threshold, self.num_prefix = stream.threshold, stream.num_prefix
 
     def forward(self, pixel_values, prev_tokens):
-        from ..reduce.dtd import _encode
+        from ..patch.dtd import _encode
 
         tokens = _encode(self.encoder, pixel_values)
         kept, idx, count = torch.ops.edgetok.diff_drop(tokens, prev_tokens, self.threshold, self.num_prefix)
@@ -57,7 +57,7 @@ class DTDStep(nn.Module):
 
 
 def _stream(model: nn.Module, threshold: Optional[float]):
-    from ..reduce.dtd import DTDStream
+    from ..patch.dtd import DTDStream
 
     if isinstance(model, DTDStream):
         if threshold is not None and threshold != model.threshold:
@@ -84,13 +84,9 @@ def stream_parity(path: Path, stream, shape: Sequence[int], batches: Sequence[in
     """Run a clip (``frames``) per batch size through the ONNX step in ONNX Runtime CPU
     and through DTDStream in torch: tokens within ``tolerance``, idx and count
     identical, frame by frame."""
-    import onnxruntime as ort
+    from ..runtime.backends import ort_session
 
-    from ..validate.timing import ort_session_options
-
-    opts = ort_session_options()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     errors = {}
     for b in batches:
         stream.reset()

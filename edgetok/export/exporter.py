@@ -150,7 +150,7 @@ def trace(module: nn.Module, args: tuple, input_names: Sequence[str], opset: int
         raise
     except Exception as e:  # torch.export raises many types; the first line says what failed
         raise ExportError(f"the ONNX exporter cannot handle this model: {_first_line(e)}") from e
-    from .. import __version__
+    from .._version import __version__
 
     proto = downgrade(add_functions(program.model_proto), opset)
     proto.producer_name, proto.producer_version = "edgetok", __version__
@@ -177,10 +177,15 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAU
 
 def check(path: Path) -> None:
     """onnx.checker full check (with shape inference) of the file at ``path``."""
+    check_proto(str(path))
+
+
+def check_proto(model) -> None:
+    """onnx.checker full check (with shape inference) of a ModelProto or a file path."""
     import onnx
 
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"the exported model fails the ONNX checker: {str(e).splitlines()[0]}") from None
 
@@ -189,13 +194,9 @@ def ort_parity(path: Path, batches: Sequence[int], feeds_for: Callable[[int, tor
                reference: Callable[[dict], list], tolerance: float = TOLERANCE, seed: int = 0) -> dict:
     """Max abs difference between ONNX Runtime CPU and torch per batch size: ``feeds_for(b, gen)``
     makes the named inputs, ``reference(feeds)`` the torch outputs as numpy arrays."""
-    import onnxruntime as ort
+    from ..runtime.backends import ort_session
 
-    from ..validate.timing import ort_session_options
-
-    opts = ort_session_options()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     gen = torch.Generator().manual_seed(seed)
     errors = {}
     for b in batches:

@@ -135,7 +135,7 @@ def _dit_static(model):
             f"FlexDiT stages {list(stages)} give a timestep-dependent factor, which one ONNX graph cannot hold; "
             "export one density stage per graph, e.g. --param 'stages=[[0, 2]]' (then [[0, 1]] for the dense one)"
         )
-    from ..reduce.flexdit import at_factor
+    from ..patch.dit import at_factor
 
     return at_factor(model, stages[0][1])
 

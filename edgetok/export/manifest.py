@@ -94,7 +94,7 @@ def versions() -> dict:
     import onnxscript
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "torch": torch.__version__,

@@ -1,4 +1,5 @@
-"""The streaming step with static shapes, exported to ONNX, and its ONNX Runtime runner.
+"""The streaming step with static shapes, exported to ONNX (its ONNX Runtime runner is
+OrtStreamingEncoder in edgetok/runtime/stream.py).
 
 One step = one frame of B streams: inputs (frame, ref, k_cache, v_cache,
 token_cache, refresh[B]); outputs (tokens, changed_tokens, idx, valid,
@@ -16,22 +17,15 @@ StreamingEncoder with a budget, so both give the same tokens.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..errors import EdgetokError, MissingDependencyError
-from ..patch.stream import StepOutput, StreamingEncoder, StreamState, default_budget
-
-INPUTS = ["frame", "ref", "k_cache", "v_cache", "token_cache", "refresh"]
-OUTPUTS = ["tokens", "changed_tokens", "idx", "valid", "changed", "ref_out", "k_cache_out", "v_cache_out"]
-STATE = {"ref": "ref_out", "k_cache": "k_cache_out", "v_cache": "v_cache_out", "token_cache": "tokens"}
+from ..patch.stream import StreamingEncoder, StreamState, default_budget
+from ..runtime.artifacts import write_json
+from ..runtime.stream import INPUTS, OUTPUTS
 
 
 def _step_outputs(out, st) -> tuple:
@@ -92,20 +86,13 @@ class FullEncoder(nn.Module):
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, opset: int, inputs=INPUTS, outputs=OUTPUTS) -> None:
-    """torch -> ONNX through the dynamo exporter with the edgetok op translations and bodies."""
-    import onnx
+    """One stream graph through the exporter's trace (edgetok nodes + bodies), checked, written atomically."""
+    from ..runtime.artifacts import write_atomic
+    from .exporter import check_proto, trace
 
-    from ..ops.onnx import add_functions, custom_translation_table
-
-    with torch.no_grad():
-        prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=inputs,
-                                 output_names=outputs, custom_translation_table=custom_translation_table(),
-                                 verbose=False)
-    model = add_functions(prog.model_proto)
-    onnx.checker.check_model(model, full_check=True)
-    tmp = path.with_suffix(".onnx.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    model = trace(module.eval(), args, inputs, opset, outputs)
+    check_proto(model)
+    write_atomic(path, model.SerializeToString())
 
 
 @dataclass
@@ -152,9 +139,7 @@ def export_stream(encoder: StreamingEncoder, out_dir, batch: int = 1, opset: int
                          "token_cache": list(st.tokens.shape)},
         "inputs": INPUTS, "outputs": OUTPUTS,
     }
-    tmp = out / "stream.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "stream.json")
+    write_json(out / "stream.json", manifest)
     return StreamExport(out, manifest)
 
 
@@ -168,85 +153,3 @@ def export_full(model: nn.Module, path, batch: int = 1, opset: int = 18, mean=No
     path.parent.mkdir(parents=True, exist_ok=True)
     _onnx_export(FullEncoder(model, mean, std).eval(), (torch.zeros(batch, *info.input_shape),), path, opset, ["frame"], ["tokens"])
     return path
-
-
-class OrtStreamingEncoder:
-    """Runs an exported streaming step in ONNX Runtime with the torch encoder's policy.
-    ``step(frame [B,C,H,W] numpy) -> StepOutput`` (numpy arrays in torch tensors' places)."""
-
-    def __init__(self, path, providers: Optional[list] = None, threads: Optional[int] = None,
-                 interleaved: bool = True):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise MissingDependencyError("onnxruntime is needed to run the exported stream: pip install onnxruntime") from e
-        root = Path(path)
-        mf = root / "stream.json"
-        if not mf.is_file():
-            raise EdgetokError(f"{root} has no stream.json; write it with edgetok.export.stream.export_stream")
-        self.manifest = json.loads(mf.read_text())
-        from ..validate.timing import ort_session_options
-
-        # the delta and full graphs take turns (every refresh), so by default their idle threads do not spin
-        opts = ort_session_options(threads, interleaved)
-        prov = providers or ["CPUExecutionProvider"]
-        g = self.manifest["graphs"]
-        missing = [n for n in ("change", "delta", "full") if n not in g]
-        if missing:
-            raise EdgetokError(f"{root} is a stream export of an older edgetok (no {', '.join(missing)} graph); "
-                               "re-export it with edgetok.export.stream.export_stream")
-        self.sessions = {n: ort.InferenceSession(str(root / f), opts, providers=prov) for n, f in g.items()}
-        self.reset()
-
-    def reset(self) -> None:
-        self.state: Optional[dict] = None
-        self.frame_index = 0
-        self.refreshed: Optional[np.ndarray] = None
-
-    def _run(self, graph: str, frame, refresh) -> dict:
-        sess = self.sessions[graph]
-        feeds = {"frame": frame, "refresh": refresh, **self.state}
-        return dict(zip(OUTPUTS, sess.run(OUTPUTS, {i.name: feeds[i.name] for i in sess.get_inputs()})))
-
-    def step(self, frame) -> StepOutput:
-        m = self.manifest
-        frame = np.ascontiguousarray(frame, dtype=np.float32)
-        if list(frame.shape) != m["input_shape"]:
-            raise EdgetokError(f"frame shape {list(frame.shape)} != exported {m['input_shape']}; resize or re-export")
-        b = frame.shape[0]
-        k = m["refresh_every"]
-        if self.state is None:
-            self.state = {n: np.zeros(s, np.float32) for n, s in m["state_shapes"].items()}
-            refresh = np.ones(b, bool)
-        elif k > 0 and self.frame_index % k == 0:
-            refresh = np.ones(b, bool)
-        else:  # the share bound refreshes the streams over it
-            changed = self.sessions["change"].run(None, {"frame": frame, "ref": self.state["ref"]})[0]
-            refresh = changed > m["max_changed_share"] * m["num_patches"]
-        graph = "full" if refresh.all() else "mixed" if refresh.any() else "delta"
-        out = self._run(graph, frame, refresh)
-        self.state = {n: out[o] for n, o in STATE.items()}
-        self.refreshed = refresh
-        self.frame_index += 1
-        return StepOutput(*(out[n] for n in OUTPUTS[:5]))
-
-
-class EncoderSession:
-    """The exported stream as a Session-like token source for edgetok.runtime.StreamSession:
-    ``output_names == ["tokens"]`` and ``run(frame) -> {"tokens": [1,N,C]}`` (the full map,
-    unchanged tokens from the cache), so StreamSession's DTD then hands on only the tokens
-    that changed while the encoder skips computing the unchanged ones."""
-
-    output_names = ["tokens"]
-
-    def __init__(self, stream: OrtStreamingEncoder):
-        self.stream = stream
-
-    def run(self, frame) -> dict:
-        x = frame.detach().cpu().numpy() if hasattr(frame, "detach") else np.asarray(frame)
-        if x.ndim == 3:
-            x = x[None]
-        return {"tokens": self.stream.step(x).tokens}
-
-    def reset(self) -> None:
-        self.stream.reset()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgetokError, InputShapeError
-from . import adapter_for, reduce_model
+from . import adapter_for, methods as _model_methods, reduce_model  # noqa: F401  (registers them)
 from .base import run_blocks
 from ..reduce import flops as _flops
 from ..reduce.registry import get_method, methods  # noqa: F401  (re-exported)

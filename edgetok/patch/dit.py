@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import EdgetokError, InputShapeError, UnsupportedModelError
+from ..errors import EdgetokError, InputShapeError, ScheduleError, UnsupportedModelError
+from ..reduce.flexdit import build_flexdit, check_stages, pool_tokens, unpool_tokens
+from ..reduce.registry import register_method
 from .hf_detr import swap_forward
 
 
@@ -121,7 +123,6 @@ class DiT(nn.Module):
 
 
 def _flexdit_forward(self, x, t, y):
-    from ..reduce.flexdit import pool_tokens, unpool_tokens
 
     plan = self.edgetok_plan
     factor = plan.summary["factor_for"](t)
@@ -152,3 +153,29 @@ def reduce_dit(model: nn.Module, plan) -> nn.Module:
     swap_forward(reduced, _flexdit_forward, "FlexDiT")
     reduced.edgetok_plan = plan
     return reduced.train(model.training)
+
+
+@register_method("flexdit", "FlexDiT token density across DiT layers and timesteps (pooled sparse span)", kind="model")
+def flexdit(model: nn.Module, sparse_layers=None, stages=((500, 2), (0, 1))) -> nn.Module:
+    """A FlexDiT copy of a DiT (edgetok/reduce/flexdit.py: the method)."""
+    if not isinstance(model, DiT):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not an edgetok.patch.dit.DiT; FlexDiT reduces a DiT block stack"
+        )
+    plan = build_flexdit(len(model.blocks), model.grid * model.grid, 0, grid=model.grid,
+                         sparse_layers=sparse_layers, stages=stages)
+    return reduce_dit(model, plan)
+
+
+def at_factor(model: nn.Module, factor: int) -> nn.Module:
+    """A copy of a FlexDiT model fixed at one pooling factor whatever ``t`` is (static
+    shapes: export and build one model per density stage)."""
+    plan = getattr(model, "edgetok_plan", None)
+    if plan is None or plan.method != "flexdit":
+        raise ScheduleError("at_factor takes a FlexDiT model (edgetok.apply(dit, \"flexdit\", ...))")
+    check_stages([(0, factor)], plan.params["grid"])
+    fixed = copy.deepcopy(model)
+    fixed.edgetok_plan = copy.copy(plan)
+    fixed.edgetok_plan.params = {**plan.params, "fixed_factor": int(factor)}
+    fixed.edgetok_plan.summary = {**plan.summary, "factor_for": lambda t: int(factor)}
+    return fixed

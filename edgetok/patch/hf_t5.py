@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import EdgetokError, UnsupportedModelError
+from ..reduce.mrt5 import GATE_SCALE, build_mrt5
+from ..reduce.registry import register_method
 from .hf_detr import swap_forward
 
 
@@ -111,3 +113,14 @@ def reduce_t5(model: nn.Module, plan) -> nn.Module:
     enc.edgetok_plan = plan
     reduced.edgetok_plan = plan
     return reduced.train(model.training)
+
+
+@register_method("mrt5", "MrT5 learned delete gate in a byte-level T5 encoder (hard deletion, fixed slot budget)", kind="model")
+def mrt5(model: nn.Module, layer: int = 2, max_keep: Optional[int] = None, gate_path: Optional[str] = None,
+          scale: float = GATE_SCALE, seed: int = 0) -> nn.Module:
+    """An MrT5 copy of a Hugging Face T5EncoderModel (ByT5 or any T5 config); the method is
+    edgetok/reduce/mrt5.py."""
+    enc = t5_encoder(model)
+    plan = build_mrt5(len(enc.block), 0, 0, dim=enc.config.d_model, layer=layer, max_keep=max_keep,
+                      gate_path=gate_path, scale=scale, seed=seed)
+    return reduce_t5(model, plan)

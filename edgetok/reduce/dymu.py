@@ -9,7 +9,7 @@ whose best B match has cosine similarity above the layer's threshold, so the
 token count depends on the image. Thresholds are given per layer or
 calibrated from sample images the way the paper does it: for a target merge
 count r_l, the threshold is the batch mean of each image's r_l-th highest
-match score (``calibrate``).
+match score (``calibrate`` in edgetok/tune/calibrate.py).
 
 Inside a batch, images keep different counts: outputs are padded to the batch
 maximum; padding tokens have size 0 (so proportional attention's log(size) is
@@ -119,39 +119,3 @@ def build_dymu(depth: int, tokens: int, protect: int, threshold=0.9, prop_attn: 
     reducers = [ThresholdMerge(t, p) if t < 1.0 else None for t in thresholds]
     params = {"threshold": [float(t) for t in thresholds], "prop_attn": prop_attn, "protect_first": p}
     return Plan("dymu", params, reducers, prop_attn=prop_attn, adaptive=True)
-
-
-class _ThresholdRecorder(Reducer):
-    """Calibration step: records each image's r-th best match score, then merges r."""
-
-    def __init__(self, merge: Reducer, record: list):
-        super().__init__()
-        self.merge, self.record = merge, record
-
-    def forward(self, x, size, ctx):
-        if size is None:
-            size = x.new_ones(x.shape[0], x.shape[1], 1)
-        best = match_scores(ctx.metric, size, self.merge.protect_first)
-        self.record.append(best.sort(dim=-1, descending=True).values[:, self.merge.r - 1])
-        return self.merge(x, size, ctx)
-
-
-@torch.no_grad()
-def calibrate(model, images: torch.Tensor, r=8, protect_first=None, clamp: bool = False) -> list[float]:
-    """Per-layer thresholds that merge ``r`` tokens per layer on average over
-    ``images`` (DyMU's batch-statistics threshold finding). Layers with r=0 get
-    threshold 1.0 (never merge). ``clamp`` as in ToMe: r capped at what each layer can merge."""
-    from .. import apply  # late: the adapters import this package
-
-    tome = apply(model, "tome", r=r, protect_first=protect_first, clamp=clamp)
-    recorded: list = []
-    from ..patch import adapter_for
-
-    blocks = adapter_for(tome).blocks(tome)
-    rs = tome.edgetok_plan.params["r"]
-    for blk in blocks:
-        if getattr(blk, "token_reducer", None) is not None:
-            blk.token_reducer = _ThresholdRecorder(blk.token_reducer, recorded)
-    tome.eval()(images)
-    it = iter(recorded)
-    return [float(next(it).mean()) if ri else 1.0 for ri in rs]

@@ -22,22 +22,22 @@ pooled values) and its learned dense-recovery layers change the architecture
 and need training, so they are not here; recovery is the training-free
 residual upsampling above. The factor is read from ``t`` in eager mode (one
 timestep per batch); for export and engines fix it with ``at_factor`` (one
-static-shape model per density stage). No custom op: pooling to a fixed
+static-shape model per density stage). The model side (the DiT forward that pools
+and unpools around the span, ``flexdit`` and ``at_factor``) is edgetok/patch/dit.py.
+No custom op: pooling to a fixed
 grid is a static linear map that standard ONNX ops (Reshape + ReduceMean,
 Expand) express, and neither TokenMerge (bipartite, data-dependent) nor
 TokenDrop (selection) computes it.
 """
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from ..errors import ScheduleError, UnsupportedModelError
 from .base import Reducer
-from .registry import Plan, register_method
+from .registry import Plan
 
 
 def pool_tokens(x: torch.Tensor, grid: int, factor: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ class SparseSpan(Reducer):
 
     def forward(self, x, size, ctx):
         raise UnsupportedModelError("FlexDiT runs on a DiT block stack, not an image ViT block: "
-                                    "use edgetok.reduce.flexdit.apply(dit_model)")
+                                    "use edgetok.apply(dit_model, \"flexdit\")")
 
 
 def check_stages(stages, grid: int):
@@ -101,31 +101,3 @@ def build_flexdit(depth: int, tokens: int, protect: int = 0, grid: int = 0, spar
     plan = Plan("flexdit", {"sparse_layers": (start, end), "stages": stages, "grid": grid}, reducers)
     plan.summary["factor_for"] = lambda t: factor_for(stages, t)
     return plan
-
-
-@register_method("flexdit", "FlexDiT token density across DiT layers and timesteps (pooled sparse span)", kind="model")
-def apply(model: nn.Module, sparse_layers=None, stages=((500, 2), (0, 1))) -> nn.Module:
-    """A FlexDiT copy of an edgetok.patch.dit.DiT."""
-    from ..patch.dit import DiT, reduce_dit
-
-    if not isinstance(model, DiT):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not an edgetok.patch.dit.DiT; FlexDiT reduces a DiT block stack"
-        )
-    plan = build_flexdit(len(model.blocks), model.grid * model.grid, 0, grid=model.grid,
-                         sparse_layers=sparse_layers, stages=stages)
-    return reduce_dit(model, plan)
-
-
-def at_factor(model: nn.Module, factor: int) -> nn.Module:
-    """A copy of a FlexDiT model fixed at one pooling factor whatever ``t`` is (static
-    shapes: export and build one model per density stage)."""
-    plan = getattr(model, "edgetok_plan", None)
-    if plan is None or plan.method != "flexdit":
-        raise ScheduleError("at_factor takes a model returned by edgetok.reduce.flexdit.apply")
-    check_stages([(0, factor)], plan.params["grid"])
-    fixed = copy.deepcopy(model)
-    fixed.edgetok_plan = copy.copy(plan)
-    fixed.edgetok_plan.params = {**plan.params, "fixed_factor": int(factor)}
-    fixed.edgetok_plan.summary = {**plan.summary, "factor_for": lambda t: int(factor)}
-    return fixed

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import ScheduleError, UnsupportedModelError
 from .base import Reducer
-from .registry import Plan, register_method
+from .registry import Plan
 from .schedule import resolve
 
 
@@ -144,27 +144,3 @@ def build_focus_detr(depth: int, tokens: int = 0, protect: int = 0,
     """``keep_rate``: one ratio for every layer or one per layer (a cascade, e.g. "0.5,0.4,0.3")."""
     rates = resolve(keep_rate, depth, "keep_rate")
     return Plan("focus_detr", {"keep_rate": rates}, [FocusStep(r) for r in rates])
-
-
-@register_method("focus_detr", "Focus-DETR: foreground-scored top-k queries per DETR encoder layer "
-                 "(HF DetrModel, DeformableDetrModel)", kind="model")
-def apply(model: nn.Module, keep_rate=0.3, scorer: Optional[nn.Module] = None, scorer_path: Optional[str] = None,
-          seed: int = 0) -> nn.Module:
-    """A Focus-DETR copy of a Hugging Face DETR or Deformable-DETR model. ``scorer``/``scorer_path``:
-    foreground scorer to use (default: a random ForegroundScorer seeded with ``seed``)."""
-    from ..patch import hf_deformable_detr, hf_detr
-
-    if hf_deformable_detr.is_deformable_detr(model):
-        patch, enc = hf_deformable_detr, hf_deformable_detr.deformable_detr_encoder(model)
-        levels = model.config.num_feature_levels
-    else:
-        patch, enc, levels = hf_detr, hf_detr.detr_encoder(model), 1
-    dim = enc.config.d_model
-    if scorer is None and scorer_path:
-        scorer = ForegroundScorer.load(scorer_path, dim, levels=levels)
-    elif scorer is None:
-        scorer = ForegroundScorer(dim, seed=seed, levels=levels)
-    elif getattr(scorer, "levels", levels) != levels:
-        raise ScheduleError(f"the scorer is for {scorer.levels} feature level(s), the model has {levels}")
-    plan = build_focus_detr(len(enc.layers), keep_rate=keep_rate)
-    return patch.reduce(model, plan, scorer)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ScheduleError
-from .registry import Plan, register_method
+from .registry import Plan
 
 GATE_SCALE = -30.0  # the paper's k
 
@@ -122,15 +122,3 @@ def build_mrt5(depth: int, tokens: int, protect: int, dim: int = 0, layer: int =
     reducers = [step if i == layer else None for i in range(depth)]
     params = {"layer": layer, "max_keep": max_keep, "gate_path": gate_path, "scale": scale, "seed": seed}
     return Plan("mrt5", params, reducers, adaptive=max_keep is None)
-
-
-@register_method("mrt5", "MrT5 learned delete gate in a byte-level T5 encoder (hard deletion, fixed slot budget)", kind="model")
-def apply(model: nn.Module, layer: int = 2, max_keep: Optional[int] = None, gate_path: Optional[str] = None,
-          scale: float = GATE_SCALE, seed: int = 0) -> nn.Module:
-    """An MrT5 copy of a Hugging Face T5EncoderModel (ByT5 or any T5 config)."""
-    from ..patch.hf_t5 import reduce_t5, t5_encoder
-
-    enc = t5_encoder(model)
-    plan = build_mrt5(len(enc.block), 0, 0, dim=enc.config.d_model, layer=layer, max_keep=max_keep,
-                      gate_path=gate_path, scale=scale, seed=seed)
-    return reduce_t5(model, plan)

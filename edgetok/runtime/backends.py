@@ -1,9 +1,22 @@
-"""Runtime backends behind one interface (Polygraphy-style runners).
+"""Runtime backends behind one interface (Polygraphy-style runners), and the one
+place edgetok creates an ONNX Runtime session (``ort_session``).
 
 A backend knows whether it can run here (``unavailable()`` returns the reason
 it cannot, or None) and opens a Runner for some artifacts. A Runner runs one
-float32 NCHW batch and returns {output name: numpy array}; ``sync()`` waits for
-the device so timings are honest. Heavy dependencies are imported on use.
+float32 NCHW batch, plus any further named inputs (``infer(x, **state)``: a
+streaming step's previous-frame tokens), and returns {output name: numpy
+array}; ``sync()`` waits for the device so timings are honest. Heavy
+dependencies are imported on use.
+
+ONNX Runtime sessions need care when they take turns: each session owns an
+intra-op thread pool whose threads spin for a while after a run, and on a
+small machine the idle session's spinning threads take the cores from the
+session being timed (measured here, 2 cores, ViT-Ti/16 batch 1: 14 ms alone,
+25-30 ms when two sessions alternate). ``ort_session_options`` is the one place
+edgetok sets session threads: sessions that alternate turn spinning off, and a
+benchmark process can instead give all its sessions one shared pool
+(``share_ort_threads``), which keeps spinning and costs alternating sessions
+almost nothing (15 ms against 14 ms alone in the same measurement).
 """
 from __future__ import annotations
 
@@ -18,6 +31,64 @@ from .artifacts import Artifacts, TensorSpec
 
 class BackendError(EdgetokError, RuntimeError):
     """A backend cannot run these artifacts here."""
+
+
+# -- ONNX Runtime sessions ---------------------------------------------------------
+_SHARED_ORT_THREADS: Optional[int] = None
+
+
+def share_ort_threads(threads: int) -> None:
+    """Give every ONNX Runtime session edgetok creates from now on one process-wide
+    intra-op pool of ``threads`` threads. ONNX Runtime then refuses sessions that ask
+    for their own pool, so call this only in processes whose sessions all come from
+    edgetok (the benchmark scripts), before their first session."""
+    global _SHARED_ORT_THREADS
+    import onnxruntime.capi._pybind_state as C
+
+    C.set_global_thread_pool_sizes(int(threads), 1)
+    _SHARED_ORT_THREADS = int(threads)
+
+
+def ort_threading() -> str:
+    """How this process's sessions are threaded (recorded next to ORT timings)."""
+    if _SHARED_ORT_THREADS:
+        return f"one shared pool of {_SHARED_ORT_THREADS} threads"
+    return "a pool per session (spinning off where sessions alternate)"
+
+
+def ort_session_options(threads: Optional[int] = None, interleaved: bool = False):
+    """SessionOptions for every session edgetok creates. ``interleaved``: this session
+    takes turns with others in one timing loop, so its idle threads must not spin."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if _SHARED_ORT_THREADS:
+        opts.use_per_session_threads = False
+        return opts
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    if interleaved:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def ort_session(model, providers=("CPUExecutionProvider",), threads: Optional[int] = None,
+                interleaved: bool = False, optimize: bool = True):
+    """An ONNX Runtime InferenceSession of ``model`` (a path, serialized bytes or a ModelProto), the
+    only way edgetok makes one. ``optimize=False``: no graph fusions (an exact reference)."""
+    import onnxruntime as ort
+
+    opts = ort_session_options(threads, interleaved)
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else (
+        model if isinstance(model, (bytes, bytearray)) else str(model))
+    try:
+        return ort.InferenceSession(src, opts, providers=list(providers))
+    except Exception as e:  # ORT raises its own exception types
+        where = model if isinstance(model, (str, Path)) else "the model"
+        raise BackendError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0]}") from None
 
 
 class Runner:
@@ -56,15 +127,7 @@ class Backend:
 class OrtRunner(Runner):
     def __init__(self, onnx: Path, providers: list, backend: str, threads: Optional[int] = None,
                  interleaved: bool = False):
-        import onnxruntime as ort
-
-        from ..validate.timing import ort_session_options
-
-        opts = ort_session_options(threads, interleaved)
-        try:
-            self.sess = ort.InferenceSession(str(onnx), opts, providers=providers)
-        except Exception as e:  # ORT raises its own exception types
-            raise BackendError(f"ONNX Runtime cannot load {onnx}: {str(e).splitlines()[0]}") from None
+        self.sess = ort_session(onnx, providers, threads, interleaved)
         i = self.sess.get_inputs()[0]
         self.input = TensorSpec(i.name, [d if isinstance(d, int) else "batch" for d in i.shape])
         self.output_names = [o.name for o in self.sess.get_outputs()]
@@ -118,7 +181,7 @@ class TrtRunner(Runner):
         import torch
 
         from .env import gpu_info, import_tensorrt, plugin_library, tensorrt_version
-        from ..trt.manifest import check_engine, load_manifest
+        from .engines import check_engine, load_manifest
 
         manifest = load_manifest(art.engine)
         check_engine(manifest, art.engine, gpu_info(), tensorrt_version())

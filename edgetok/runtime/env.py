@@ -68,12 +68,12 @@ def tensorrt_rtx_version() -> Optional[str]:
 
 def import_tensorrt_rtx():
     """``import tensorrt_rtx_bindings`` with a message naming the extra when it is missing. The first
-    import goes through pyplugins.prepare_loader(), without which the wheel's parser aborts the process
-    on any plugin node (see pyplugins); a graph without plugin nodes builds either way."""
+    import goes through rtx_loader.prepare_loader(), without which the wheel's parser aborts the process
+    on any plugin node (see rtx_loader); a graph without plugin nodes builds either way."""
     import sys
 
     if RTX_MODULE not in sys.modules and importlib.util.find_spec(RTX_MODULE) is not None:
-        from ..trt.pyplugins import PluginLoaderError, prepare_loader
+        from .rtx_loader import PluginLoaderError, prepare_loader
 
         try:
             prepare_loader()

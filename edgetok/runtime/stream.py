@@ -19,13 +19,23 @@ runs on the ONNX Runtime backends.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
 from ..errors import EdgetokError
+from ..patch.stream import StepOutput
+from .backends import ort_session
 from .session import Session
+
+# the exported streaming encoder's graphs (edgetok/export/stream.py): inputs, outputs, and
+# which output feeds which state input on the next frame
+INPUTS = ["frame", "ref", "k_cache", "v_cache", "token_cache", "refresh"]
+OUTPUTS = ["tokens", "changed_tokens", "idx", "valid", "changed", "ref_out", "k_cache_out", "v_cache_out"]
+STATE = {"ref": "ref_out", "k_cache": "k_cache_out", "v_cache": "v_cache_out", "token_cache": "tokens"}
 
 
 @dataclass
@@ -115,3 +125,78 @@ def _dtd_step(session, threshold, protect_first) -> Optional[dict]:
             raise EdgetokError(f"this export drops with {name}={step[name]} inside its graph, not {given}; "
                                f"leave {name} unset or re-export with the value you want")
     return step
+
+
+class OrtStreamingEncoder:
+    """Runs an exported streaming step in ONNX Runtime with the torch encoder's policy.
+    ``step(frame [B,C,H,W] numpy) -> StepOutput`` (numpy arrays in torch tensors' places)."""
+
+    def __init__(self, path, providers: Optional[list] = None, threads: Optional[int] = None,
+                 interleaved: bool = True):
+        root = Path(path)
+        mf = root / "stream.json"
+        if not mf.is_file():
+            raise EdgetokError(f"{root} has no stream.json; write it with edgetok.export.stream.export_stream")
+        self.manifest = json.loads(mf.read_text())
+        # the delta and full graphs take turns (every refresh), so by default their idle threads do not spin
+        prov = providers or ["CPUExecutionProvider"]
+        g = self.manifest["graphs"]
+        missing = [n for n in ("change", "delta", "full") if n not in g]
+        if missing:
+            raise EdgetokError(f"{root} is a stream export of an older edgetok (no {', '.join(missing)} graph); "
+                               "re-export it with edgetok.export.stream.export_stream")
+        self.sessions = {n: ort_session(root / f, prov, threads, interleaved) for n, f in g.items()}
+        self.reset()
+
+    def reset(self) -> None:
+        self.state: Optional[dict] = None
+        self.frame_index = 0
+        self.refreshed: Optional[np.ndarray] = None
+
+    def _run(self, graph: str, frame, refresh) -> dict:
+        sess = self.sessions[graph]
+        feeds = {"frame": frame, "refresh": refresh, **self.state}
+        return dict(zip(OUTPUTS, sess.run(OUTPUTS, {i.name: feeds[i.name] for i in sess.get_inputs()})))
+
+    def step(self, frame) -> StepOutput:
+        m = self.manifest
+        frame = np.ascontiguousarray(frame, dtype=np.float32)
+        if list(frame.shape) != m["input_shape"]:
+            raise EdgetokError(f"frame shape {list(frame.shape)} != exported {m['input_shape']}; resize or re-export")
+        b = frame.shape[0]
+        k = m["refresh_every"]
+        if self.state is None:
+            self.state = {n: np.zeros(s, np.float32) for n, s in m["state_shapes"].items()}
+            refresh = np.ones(b, bool)
+        elif k > 0 and self.frame_index % k == 0:
+            refresh = np.ones(b, bool)
+        else:  # the share bound refreshes the streams over it
+            changed = self.sessions["change"].run(None, {"frame": frame, "ref": self.state["ref"]})[0]
+            refresh = changed > m["max_changed_share"] * m["num_patches"]
+        graph = "full" if refresh.all() else "mixed" if refresh.any() else "delta"
+        out = self._run(graph, frame, refresh)
+        self.state = {n: out[o] for n, o in STATE.items()}
+        self.refreshed = refresh
+        self.frame_index += 1
+        return StepOutput(*(out[n] for n in OUTPUTS[:5]))
+
+
+class EncoderSession:
+    """The exported stream as a Session-like token source for edgetok.runtime.StreamSession:
+    ``output_names == ["tokens"]`` and ``run(frame) -> {"tokens": [1,N,C]}`` (the full map,
+    unchanged tokens from the cache), so StreamSession's DTD then hands on only the tokens
+    that changed while the encoder skips computing the unchanged ones."""
+
+    output_names = ["tokens"]
+
+    def __init__(self, stream: OrtStreamingEncoder):
+        self.stream = stream
+
+    def run(self, frame) -> dict:
+        x = frame.detach().cpu().numpy() if hasattr(frame, "detach") else np.asarray(frame)
+        if x.ndim == 3:
+            x = x[None]
+        return {"tokens": self.stream.step(x).tokens}
+
+    def reset(self) -> None:
+        self.stream.reset()

@@ -7,7 +7,7 @@ a device build script where TensorRT is missing, engine manifests and checks.
 """
 from .builder import BuildError, BuildResult, build
 from ..runtime.env import GpuInfo, PluginLibraryError, gpu_info, plugin_library, tensorrt_version
-from .manifest import EngineMismatchError, check_engine, load_manifest
+from ..runtime.engines import EngineMismatchError, check_engine, load_manifest
 from .plan import BuildPlan, TargetMismatchError
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..errors import EdgetokError
 from ..ops.spec import ADAPTIVE_OPS, PLUGIN_OPS
-from ..runtime.artifacts import Artifacts, TensorSpec, sha256_file
+from ..runtime.artifacts import Artifacts, sha256_file
 
 DOMAIN = "edgetok"
 BUILD_FORMAT = 1  # bump when the meaning of a build key changes

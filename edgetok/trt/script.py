@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .. import __version__
+from .._version import __version__
 from ..runtime.artifacts import write_atomic, write_json
 from .plan import BuildPlan, vtuple
 

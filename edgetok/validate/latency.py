@@ -1,12 +1,12 @@
-"""Latency measurement: warm-up, N timed runs with device synchronisation,
-percentiles and throughput."""
+"""Latency against a budget: warm-up, N timed runs with device synchronisation
+(through timing.interleaved, the one timer), percentiles and throughput."""
 from __future__ import annotations
 
-import time
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
-import numpy as np
+from .timing import interleaved, percentile
 
 
 @dataclass
@@ -36,21 +36,11 @@ def measure_interleaved(models: Mapping[str, tuple[Callable[[], object], Callabl
     turns, one timed run each per round, so drift on the machine hits all of them alike."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
-    for run, sync in models.values():
-        for _ in range(warmup):
-            run()
-        sync()
-    times = {name: np.empty(runs) for name in models}
-    for i in range(runs):
-        for name, (run, sync) in models.items():
-            t0 = time.perf_counter()
-            run()
-            sync()
-            times[name][i] = (time.perf_counter() - t0) * 1e3
+    times = interleaved({name: (lambda run=run, sync=sync: (run(), sync())) for name, (run, sync) in models.items()},
+                        repeats=runs, warmup=warmup)
     out = {}
     for name, t in times.items():
-        p50, p90, p99 = np.percentile(t, [50, 90, 99])
-        mean = float(t.mean())
-        out[name] = LatencyStats(runs, batch, mean, float(t.min()), float(p50), float(p90), float(p99),
+        mean = statistics.fmean(t)
+        out[name] = LatencyStats(runs, batch, mean, min(t), percentile(t, 50), percentile(t, 90), percentile(t, 99),
                                  batch * 1e3 / mean)
     return out

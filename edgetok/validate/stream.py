@@ -67,12 +67,9 @@ def torch_full(model, mean=None, std=None) -> FullFn:
 
 
 def ort_full(path, threads=None) -> FullFn:
-    import onnxruntime as ort
+    from ..runtime.backends import ort_session
 
-    from .timing import ort_session_options
-
-    opts = ort_session_options(threads, interleaved=True)  # timed in turns with the streaming step
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads=threads, interleaved=True)  # timed in turns with the streaming step
     return lambda frame: sess.run(None, {sess.get_inputs()[0].name: _np(frame)})[0]
 
 
