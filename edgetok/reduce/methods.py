@@ -1,5 +1,5 @@
-"""Imports every built-in method module so their @register_method runs."""
-from . import drop, dtd, dymu, tome  # noqa: F401
-from . import flexdit, focus_detr, mrt5, tail_drop  # noqa: F401,E402  (issue 8: non-ViT/ordered-token methods)
-from . import divprune, hired, zero_tprune, diffrate, slim, mustdrop, vlm_output  # noqa: F401,E402  (ViT/VLM methods)
-from . import clca  # noqa: F401,E402  (issue 21: CLCA on top of any ViT method)
+"""Imports every built-in method module of this layer so their @register_method runs; the
+methods that wrap a whole model (dtd, vlm_output, flexdit, mrt5, focus_detr) register in
+edgetok/patch/methods.py."""
+from . import diffrate, divprune, drop, dymu, hired, mustdrop, slim, tail_drop, tome, zero_tprune  # noqa: F401
+from . import clca  # noqa: F401,E402  (CLCA on top of any ViT method)
