@@ -233,8 +233,8 @@ def test_export_matches_torch_in_onnxruntime_and_builds_in_tensorrt_rtx(tmp_path
     clca = randomise_head(edgetok.apply(model, "clca", base="tome", r=[3, 0], gap=True, carriers=2))
     res = export_model(clca, tmp_path / "clca", parity_batches=[1, 3])
     assert max(res.parity["max_abs_err"].values()) <= 1e-4
-    assert [n["op_type"] for n in res.manifest["edgetok_ops"]] == ["TokenMerge"]
-    assert res.manifest["method"] == "clca" and res.manifest["params"]["base"] == "tome"
+    assert [n["op_type"] for n in res.manifest.edgetok_ops] == ["TokenMerge"]
+    assert res.manifest.method == "clca" and res.manifest.params["base"] == "tome"
     if importlib.util.find_spec("tensorrt_rtx_bindings") is None:
         pytest.skip("TensorRT-RTX is not installed: pip install 'edgetok[rtx]'")
     from edgetok.config import load_config
@@ -390,3 +390,26 @@ def test_finetune_cli(tmp_path):
     assert torch.load(tmp_path / "ck.pt", weights_only=False)["meta"]["params"]["base"] == "drop"
     assert main(["finetune", *args[:-2]]) == 0  # resumes: nothing left to do
     assert main(["finetune", *args[:5], "--param", "base=nope", "--steps", "1"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                   "cifar10-vit"))), reason="../shared/data/cifar10-vit is not here")
+def test_benchmark_runs_in_tiny_mode(tmp_path):
+    """benchmarks/bench_clca.py end to end on 32 + 32 real images, 2 steps (keeps the script working)."""
+    import runpy
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_clca.py")
+    argv = sys.argv
+    sys.argv = [path, "--tiny", "--output", str(tmp_path / "clca.json"), "--threads", "1"]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv = argv
+    result = json.loads((tmp_path / "clca.json").read_text())
+    rows = result["rows"]
+    assert set(rows) == {"unreduced", "unreduced + FT", "drop 0.25", "drop 0.25 + FT", "drop 0.25 + CLCA"}
+    assert rows["unreduced"]["ort_speed_ratio"]["1"] == 1.0 and rows["drop 0.25 + CLCA"]["ort_parity_max_abs_err"] <= 1e-4
+    assert rows["drop 0.25 + CLCA"]["tokens"][:3] == [66, 66, 19] and rows["drop 0.25"]["flops_ratio"] > 2.5
+    assert result["goal"] is not None and "machine" in result
