@@ -24,8 +24,8 @@ FLOPs ratios are the ideal beside them (CLCA's exact count: edgetok.patch.clca.f
     python benchmarks/bench_clca.py                  # full run (about an hour on 2 cores)
     python benchmarks/bench_clca.py --tiny --output /tmp/clca_tiny.json   # smoke run
 
-Fine-tuning checkpoints and per-variant results go to --workdir, so an interrupted run
-resumes where it stopped. Not a test: the numbers depend on the machine; the JSON
+Fine-tuning checkpoints, exports and per-variant results go to --workdir (outside the
+repository by default), so an interrupted run resumes where it stopped. Not a test: the numbers depend on the machine; the JSON
 records its facts.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -127,7 +128,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT intra-op threads")
     p.add_argument("--tiny", action="store_true",
                    help="smoke run: 32 + 32 images, 2 steps, keep 0.25, exports of the unreduced and CLCA models, batch 1")
-    p.add_argument("--workdir", default=None, help="checkpoints, exports, per-variant results (default: beside --output)")
+    p.add_argument("--workdir", default=None,
+                   help="checkpoints, exports, per-variant results (default: $TMPDIR/edgetok-<output name>-work)")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/clca.json)")
     a = p.parse_args(argv)
 
@@ -139,7 +141,7 @@ def main(argv=None):
     from edgetok.validate.timing import machine_facts
 
     out = Path(a.output or Path(__file__).parent / "results" / "clca.json")
-    work = Path(a.workdir or out.parent / f".{out.stem}-work")
+    work = Path(a.workdir or Path(tempfile.gettempdir()) / f"edgetok-{out.stem}{'-tiny' if a.tiny else ''}-work")
     work.mkdir(parents=True, exist_ok=True)
     model, (xt, yt), (xe, ye) = load(Path(a.data))
     steps, batches, repeats = a.steps, a.batches, a.repeats

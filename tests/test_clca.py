@@ -402,7 +402,8 @@ def test_benchmark_runs_in_tiny_mode(tmp_path):
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_clca.py")
     argv = sys.argv
-    sys.argv = [path, "--tiny", "--output", str(tmp_path / "clca.json"), "--threads", "1"]
+    sys.argv = [path, "--tiny", "--output", str(tmp_path / "clca.json"), "--workdir", str(tmp_path / "work"),
+                "--threads", "1"]
     try:
         runpy.run_path(path, run_name="__main__")
     finally:

@@ -33,11 +33,11 @@ Implemented, both parts of the paper:
   recovery are appended to the sequence and the cache is emptied, so the later
   blocks attend to what earlier layers held before tokens were removed.
 - Cross-Layer Aggregation head (CLA; official ``ifa_head`` with
-  ``ifa_dws_conv_groups=2``). The class token after every recovery layer and
-  after the last block, stacked [B, C, L], goes through BatchNorm, a depthwise
-  1-D convolution over the layer axis (kernel L, ``width`` filters per
-  channel), BatchNorm, GELU and a linear layer to the classes. It replaces the
-  model's final norm and classifier.
+  ``ifa_dws_conv_groups=2``). The class token after every reduction or
+  recovery block and after the last block, stacked [B, C, L], goes through
+  BatchNorm, a depthwise 1-D convolution over the layer axis (kernel L,
+  ``width`` filters per channel), BatchNorm, GELU and a linear layer to the
+  classes. It replaces the model's final norm and classifier.
 
 Departures (deliberate):
 
@@ -58,6 +58,7 @@ Departures (deliberate):
   model's own final norm + classifier on the last tokens and adds the CLA
   head's logits, its last layer starting at zero, so fine-tuning starts from
   the reduced model's predictions instead of a fresh head.
+- The cache is never recovered after the last block (no block would read it).
 - Not implemented: the paper's training recipe (datasets, resolutions,
   schedules), and the official options ``clc_recover_at_last``,
   ``clc_pool_cls``, ``clc_pool_clr``, the non-convolutional IFA head variant.
