@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import edgetok
-from edgetok.commands.bench import _timed_fns, write_json
+from edgetok.runtime.artifacts import write_json
+from edgetok.validate.matrix import timed_fns
 from edgetok.validate.fidelity import _save, fidelity, labelled_set, photos, plot_merges
 from edgetok.tune.auto import auto_schedule
 from edgetok.reduce.schedule import Linear
@@ -41,7 +42,7 @@ BACKENDS = ("torch-cpu", "ort-cpu")
 
 def speeds(base, models: dict, x: torch.Tensor, backend: str, repeats: int) -> dict[str, float]:
     """name -> unreduced p50 / variant p50 on ``backend`` (interleaved in one run)."""
-    fns = _timed_fns({"baseline": base, **models}, x, backend)
+    fns = timed_fns({"baseline": base, **models}, x, backend)
     with torch.inference_mode():
         t = interleaved(fns, repeats=repeats, warmup=2)
     base_ms = summary(t["baseline"])["p50_ms"]
@@ -115,7 +116,7 @@ def main() -> None:
                "machine": machine_facts(), "mapping_max_abs": proof.worst, "images": int(data.x.shape[0]),
                "classes": data.classes, "backends": list(BACKENDS), "rows": rows,
                "figures": [os.path.relpath(f, ROOT) for f in figs]}  # repository paths, not this checkout's
-    print("wrote", write_json(payload, args.out))
+    print("wrote", write_json(args.out, payload, sort_keys=False))
 
 
 if __name__ == "__main__":

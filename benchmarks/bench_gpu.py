@@ -24,8 +24,6 @@ CUDA implementations fall back to the references.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -33,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from edgetok.runtime.artifacts import write_json
 
 MODELS = {  # name -> (timm model, ToMe r per layer at 197 tokens; scaled with the token count)
     "vit_b16": ("vit_base_patch16_224", 16),
@@ -236,13 +236,6 @@ def ensure_kernels() -> str:
     return str(path)
 
 
-def write_json(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-
-
 def dry_run(args) -> int:
     """No GPU: what a run would do, the models' token counts, and the checks' code on the CPU."""
     configs = configurations(args.models, args.tokens, args.batches)
@@ -288,7 +281,7 @@ def main(argv=None) -> int:
         print(f"CHECK FAILED: {c}", flush=True)
     print(f"checks: {len(result['checks']) - len(failed)}/{len(result['checks'])} ok "
           f"({time.monotonic() - t0:.0f} s)", flush=True)
-    write_json(result, out)
+    write_json(out, result, sort_keys=False)
     torch.backends.cudnn.benchmark = True
     models = {}
     for key, n, batch in configurations(args.models, args.tokens, args.batches):
@@ -306,7 +299,7 @@ def main(argv=None) -> int:
                    "step": step_vs_block(base, batch, r, args.repeats, args.inner),
                    "model_end_to_end": model_vs_unreduced(base, r, batch, IMG_SIZE[n], args.repeats, args.inner)}
         result["runs"].append(row)
-        write_json(result, out)
+        write_json(out, result, sort_keys=False)
         s, e = row["step"], row["model_end_to_end"]
         print(f"{key} N={n} bs{batch} ({time.monotonic() - t0:.0f} s): block {s['block_ms']:.3f} ms, merge step "
               f"{100 * s['merge_fused_share_of_block']:.1f}% of it (ref {100 * s['merge_reference_share_of_block']:.1f}%)"
@@ -315,7 +308,7 @@ def main(argv=None) -> int:
               f", drop {e['drop_fused_speed']:.2f}x (ref {e['drop_reference_speed']:.2f}x, FLOPs "
               f"{e['drop_flops_ratio']:.2f}x)", flush=True)
     result["seconds"] = time.monotonic() - t0
-    write_json(result, out)
+    write_json(out, result, sort_keys=False)
     print(f"wrote {out} ({result['seconds']:.0f} s)")
     return 1 if failed else 0
 

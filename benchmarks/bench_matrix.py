@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 import edgetok
-from edgetok.commands.bench import DEFAULT_VARIANTS, MODELS, backends_here, plot_matrix, run_matrix, write_json
+from edgetok.commands.bench import DEFAULT_VARIANTS, MODELS, load_models, variant_maker
+from edgetok.runtime.artifacts import write_json
+from edgetok.validate.matrix import backends_here, plot_matrix, run_matrix
 from edgetok.runtime.backends import share_ort_threads
 from edgetok.validate.timing import machine_facts
 
@@ -39,14 +41,15 @@ def main() -> None:
     def step(msg):
         print(msg, flush=True)
 
-    rows = run_matrix(args.models.split(","), args.variants.split("|"), [int(b) for b in args.batches.split(",")],
-                      backends, args.repeats, args.fidelity_images, progress=step)
+    rows = run_matrix(load_models(args.models.split(",")), args.variants.split("|"),
+                      [int(b) for b in args.batches.split(",")], backends, variant_maker(args.repeats), args.repeats,
+                      args.fidelity_images, progress=step)
     for r in rows:
         print(f"{r['model']:9s} {r['backend']:10s} bs{r['batch']:<3d} {r['variant']:22s} p50 {r['p50_ms']:8.2f} ms "
               f"speed {r['speed_ratio']:.2f}x flops {r['flops_ratio']:.2f}x share {r['share_of_ideal']:.0%}")
     payload = {"benchmark": "matrix", "machine": machine_facts(), "edgetok": edgetok.__version__,
                "repeats": args.repeats, "rows": rows}
-    print("wrote", write_json(payload, args.out))
+    print("wrote", write_json(args.out, payload, sort_keys=False))
     for p in plot_matrix(rows, args.plots):
         print("wrote", p)
 

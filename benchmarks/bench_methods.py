@@ -15,9 +15,6 @@ benchmarks/results/methods.json. Keep other heavy jobs off the machine.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import timm
@@ -25,6 +22,7 @@ import torch
 
 import edgetok
 from edgetok.validate.benchmark import compare
+from edgetok.runtime.artifacts import write_json
 from edgetok.validate.timing import interleaved, machine_facts, summary
 
 
@@ -102,10 +100,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "methods_torch_cpu", "machine": machine_facts(), "edgetok": edgetok.__version__,
                "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": results}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, out)
+    write_json(out, payload, sort_keys=False)
     print(f"wrote {out}")
 
 

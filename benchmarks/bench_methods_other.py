@@ -16,9 +16,6 @@ weights throughout. Writes benchmarks/results/methods_other.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import timm
@@ -31,6 +28,7 @@ from edgetok.patch.dit import at_factor, flexdit as flexdit_model
 from edgetok.patch.focus_detr import focus_detr as focus_detr_model
 from edgetok.patch.hf_t5 import mrt5 as mrt5_model
 from edgetok.reduce import focus_detr
+from edgetok.runtime.artifacts import write_json
 from edgetok.validate.timing import interleaved, machine_facts, summary
 
 
@@ -223,10 +221,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "methods_other", "tiny": args.tiny, "machine": machine_facts(),
                "edgetok": edgetok.__version__, "rows": rows}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, out)
+    write_json(out, payload, sort_keys=False)
     print(f"wrote {out}")
 
 

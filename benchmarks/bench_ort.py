@@ -15,7 +15,6 @@ Not a test: numbers depend on the machine; the JSON records its facts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -89,6 +88,7 @@ def main(argv=None):
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/ort_cpu[_quick].json)")
     a = p.parse_args(argv)
     from edgetok.runtime.backends import share_ort_threads
+    from edgetok.runtime.artifacts import write_json
     from edgetok.validate.timing import machine_facts
 
     share_ort_threads(a.threads)  # the sessions take turns: one pool, no idle pool spinning on the cores
@@ -109,9 +109,7 @@ def main(argv=None):
     }
     out = Path(a.output or Path(__file__).parent / "results" / ("ort_cpu_quick.json" if a.quick else "ort_cpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result, sort_keys=False)
     print(f"wrote {out}")
 
 

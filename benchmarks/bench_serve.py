@@ -18,7 +18,6 @@ import argparse
 import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import edgetok.runtime as rt
 from edgetok.export import export_model
 from edgetok.runtime.artifacts import write_atomic, write_json
 from edgetok.serve.server import ServeConfig, Server
-from edgetok.validate.timing import machine_facts, summary
+from edgetok.validate.timing import Stopwatch, machine_facts, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"vit_tiny_patch16_224": 8, "vit_small_patch16_224": 8}  # ToMe r per model
@@ -81,33 +80,33 @@ def load_test(path: Path, clients: int, requests: int, images: int, max_batch: i
             warm.infer(server.name, [inp])
         warm.close()
         server.batch_sizes.clear()  # count only the load
-        deadline = time.perf_counter() + time_limit
+        load = Stopwatch()
 
         def client(k: int):
             c = http.InferenceServerClient(server.urls["http"], connection_timeout=60, network_timeout=60)
             for j in range(requests):
-                if time.perf_counter() > deadline:
+                if load.ms > time_limit * 1e3:
                     break
                 x = np.random.default_rng(k * 100_003 + j).standard_normal(shape).astype(np.float32)
                 inp = http.InferInput(server.input.name, list(shape), "FP32")
                 inp.set_data_from_numpy(x)
-                t0 = time.perf_counter()
+                request = Stopwatch()
                 try:
                     y = c.infer(server.name, [inp]).as_numpy(out_name)
                 except Exception as e:  # counted as lost
                     errors.append(f"{k}/{j}: {e}")
                     continue
-                latencies.append((time.perf_counter() - t0) * 1e3)
+                latencies.append(request.ms)
                 results[(k, j)] = y
             c.close()
 
-        t0 = time.perf_counter()
+        run = Stopwatch()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        wall = time.perf_counter() - t0
+        wall = run.ms / 1e3
         batches = dict(sorted(server.batch_sizes.items()))
     # every request got its own answer: reference outputs from a local Session, same inputs
     sess = rt.load(path, backend="ort-cpu", preprocess=False)

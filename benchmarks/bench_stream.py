@@ -21,7 +21,6 @@ docs/streaming.md (between the bench_stream markers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ from edgetok.patch.stream import StreamingEncoder, stream_normalization
 from edgetok.validate import stream as rp
 from edgetok.runtime.video import SAMPLE_CLIPS, frames, probe, sample_clip
 from edgetok.runtime.backends import share_ort_threads
+from edgetok.runtime.artifacts import write_json
 from edgetok.validate.timing import machine_facts
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -126,9 +126,7 @@ def main() -> None:
         "note": "speedup = total full-encoding ms / total streaming ms per frame (first frame excluded), same run",
         "machine": machine_facts(), "results": results,
     }
-    tmp = out.with_name(out.name + ".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out.with_suffix(".json"))
+    write_json(out.with_suffix(".json"), doc, sort_keys=False)
     rp.plot(series, info.tokens, out.with_suffix(".png"),
             f"{args.model} {args.img_size}px, threshold {settings[0][0]} ({args.mode}), refresh every "
             f"{settings[0][1] or '-'}, {args.threads} threads")

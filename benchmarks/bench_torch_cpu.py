@@ -9,9 +9,6 @@ benchmarks/results/torch_cpu.json. Keep other heavy jobs off the machine.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import timm
@@ -20,6 +17,7 @@ import torch
 import edgetok
 from edgetok.validate.benchmark import compare
 from edgetok.tune.calibrate import calibrate
+from edgetok.runtime.artifacts import write_json
 from edgetok.validate.timing import machine_facts
 
 MODELS = {"vit_small_patch16_224": 8, "vit_base_patch16_224": 16}  # ToMe r per model (the paper's settings)
@@ -55,10 +53,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "torch_cpu", "machine": machine_facts(), "edgetok": edgetok.__version__, "rows": results}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, out)
+    write_json(out, payload, sort_keys=False)
     print(f"wrote {out}")
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import os
-import tempfile
 from pathlib import Path
+
+from edgetok.runtime.artifacts import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,10 +204,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(render(Path(args.results)))
-    os.replace(tmp, out)
+    write_atomic(out, render(Path(args.results)))
     print("wrote", out)
 
 

@@ -15,7 +15,7 @@ import edgetok
 from edgetok.errors import EdgetokError, InputShapeError, UnsupportedModelError
 from edgetok.patch import adapter_for
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a hard dependency of edgetok
 
 SMALL = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8

@@ -14,7 +14,7 @@ import edgetok
 from edgetok.errors import InputShapeError, UnsupportedModelError
 from edgetok.patch import adapter_for
 
-vt = pytest.importorskip("torchvision.models.vision_transformer")
+import torchvision.models.vision_transformer as vt  # a hard dependency of edgetok
 
 
 @functools.lru_cache(maxsize=None)

@@ -116,7 +116,7 @@ def torch_outputs(m, x):
 @pytest.mark.parametrize("family", [a.family for a in ADAPTERS])
 def test_export_every_method_and_adapter(family, method, tmp_root):
     reduced, result = exported(family, method, tmp_root)
-    m = result.manifest
+    m = result.manifest.model_dump(mode="json")
     # the exporter already checked (full checker, ORT parity at batch 1 and 4); check again independently
     onnx.checker.check_model(str(result.onnx_path), full_check=True)
     proto = onnx.load(str(result.onnx_path))
@@ -148,10 +148,12 @@ def test_export_every_method_and_adapter(family, method, tmp_root):
 def test_manifest_fields_and_hash(tmp_root):
     _, result = exported("timm-vit", "tome", tmp_root)
     m = json.loads(result.manifest_path.read_text())
-    from edgetok.export.manifest import FIELDS, sha256
+    import hashlib
 
-    assert list(m) == list(FIELDS)
-    assert m["sha256"] == sha256(result.onnx_path)
+    from edgetok.runtime.manifest import Manifest
+
+    assert list(m) == list(Manifest.model_fields)
+    assert m["sha256"] == hashlib.sha256(result.onnx_path.read_bytes()).hexdigest()
     assert m["tokens"] == [17, 15, 13] and m["params"]["r"] == [2, 2]
     assert m["flops"]["ratio"] > 1 and m["flops"]["total"] < m["flops"]["baseline"]
     assert m["edgetok_ops"][0]["attributes"] == {"r": 2, "protect_first": 1, "plugin_namespace": "edgetok",
@@ -167,8 +169,8 @@ def test_export_is_deterministic_and_targets(tmp_root, tmp_path):
     # re-exporting into an existing export directory replaces it
     trt = export_model(reduced, tmp_path / "again", target="trt", model_name="timm-vit")
     proto = onnx.load(str(trt.onnx_path))
-    assert not proto.functions and trt.manifest["target"] == "trt" and trt.manifest["function_bodies"] == []
-    assert trt.manifest["parity"]["checked_on"] == "portable"
+    assert not proto.functions and trt.manifest.target == "trt" and trt.manifest.function_bodies == []
+    assert trt.manifest.parity["checked_on"] == "portable"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temporary directories left
 
 

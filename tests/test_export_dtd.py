@@ -74,7 +74,7 @@ def test_ort_step_matches_dtd_stream(exported, threshold):
 def test_checker_body_and_manifest(exported, tmp_path):
     res = exported[0.05]
     onnx.checker.check_model(str(res.onnx_path), full_check=True)
-    m = res.manifest
+    m = res.manifest.model_dump(mode="json")
     assert [n["op_type"] for n in m["edgetok_ops"]] == ["DiffDrop"] and m["function_bodies"] == ["DiffDrop"]
     attrs = m["edgetok_ops"][0]["attributes"]
     assert attrs["plugin_namespace"] == "edgetok" and attrs["protect_first"] == 1
@@ -90,7 +90,7 @@ def test_checker_body_and_manifest(exported, tmp_path):
     assert m["input"]["name"] == "pixel_values" and [o["name"] for o in m["outputs"]] == list(OUTPUTS)
     trt = export_dtd_step(vit(), tmp_path / "trt", threshold=0.05, target="trt")
     # no DiffDrop plugin exists: the trt target keeps its body, and the manifest says it runs from it
-    assert trt.manifest["function_bodies"] == ["DiffDrop"] and trt.manifest["plugin_ops"] == []
+    assert trt.manifest.function_bodies == ["DiffDrop"] and trt.manifest.plugin_ops == []
     assert trt.parity["checked_on"] == "portable"
 
 
@@ -122,6 +122,14 @@ def test_cli_and_stream_session(tmp_path, capsys):
         assert r.kept == int(count[0]) and np.array_equal(r.positions, idx[0].numpy())
         assert np.abs(r.tokens - tokens[0].numpy()).max() <= 1e-4
     assert sess.kept_per_frame[:2] == [17, 1]
+    # every runner takes the state the same way (infer(x, **state)): the same step in torch keeps the same tokens
+    from edgetok.export.dtd import DTDStep
+
+    torch_sess = rt.StreamSession(rt.load(out, backend="torch", module=DTDStep(stream).eval(), preprocess=False))
+    for r, x in zip(results, clip):
+        t = torch_sess.step(x.numpy())
+        assert t.kept == r.kept and np.array_equal(t.positions, r.positions)
+        assert np.abs(t.tokens - r.tokens).max() <= 1e-4
     with pytest.raises(edgetok.errors.EdgetokError, match="threshold=0.05 inside its graph"):
         rt.StreamSession(rt.load(out, backend="ort-cpu"), threshold=0.2)
     assert main(["export", *CLI_MODEL, "--method", "dtd", "--threshold", "0.1,0.2",

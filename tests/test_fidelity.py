@@ -83,7 +83,7 @@ def test_labelled_set_from_shipped_photos_is_deterministic(tmp_path, vit):
     assert a.x.shape == (12, 3, 64, 64) and a.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert a.gallery.sum() == 6 and torch.equal(a.x, b.x)
     assert len(F.photos()) >= 10
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed (pip install 'edgetok[plot]')")
     out = F.plot_merges(edgetok.apply(vit, "tome", r=3), F.photos()["chelsea"], tmp_path / "m.png")
     assert out.stat().st_size > 1000
 

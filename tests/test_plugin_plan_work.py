@@ -1,4 +1,4 @@
-"""Every kernel computes its plan once per image, with O(N log N) work (issue 16).
+"""Every kernel computes its plan once per image, with O(N log N) work (docs/plugins.md).
 
 The CPU library (plugins/src/host_reference.cpp) runs each op's launches block by block over
 the kernels' own grids (plugins/include/edgetok/launch.h), calling the block bodies the CUDA

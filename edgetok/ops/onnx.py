@@ -13,7 +13,7 @@ Each op also has a body of standard ops (an onnxscript function in the
 ``edgetok`` domain, appended to the model as a local FunctionProto), so the
 file runs in ONNX Runtime as is. The bodies implement the op contract of
 ``edgetok.reduce`` (the torch references are the oracle, see
-tests/test_export_ops.py) under DESIGN.md's rules:
+tests/test_export_ops.py) under the rules of docs/ops.md:
 
 - no ScatterElements/ScatterND: merging is a batched MatMul with a one-hot
   assignment matrix (Equal(dst[:, :, None], Range) -> Cast -> MatMul^T), and

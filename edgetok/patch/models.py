@@ -81,11 +81,23 @@ def _module(spec: str, args: dict) -> nn.Module:
 
 
 def create_model(name: Optional[str] = None, *, module: Optional[str] = None, weights=None,
-                 model_args: Optional[dict] = None) -> nn.Module:
-    """A model in eval mode from a name or a factory (see the module docstring)."""
-    args = dict(model_args or {})
+                 model_args: Optional[dict] = None, seed: int = 0) -> nn.Module:
+    """A model in eval mode from a name or a factory (see the module docstring). Its random
+    initial weights come from ``seed`` (the same model name and seed give the same weights, so a
+    reduced export and its unreduced baseline are one network); the global RNG is left as it was."""
+    import torch
+
     if (name is None) == (module is None):
         raise ModelError("give exactly one of a model name or module='pkg.mod:factory'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _build(name, module, dict(model_args or {}))
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def _build(name: Optional[str], module: Optional[str], args: dict) -> nn.Module:
     try:
         if module is not None:
             model = _module(module, args)
@@ -110,9 +122,7 @@ def create_model(name: Optional[str] = None, *, module: Optional[str] = None, we
                 )
     except TypeError as e:  # bad model_args
         raise ModelError(f"cannot build {name or module} with {args}: {e}") from None
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
+    return model
 
 
 def load_weights(model: nn.Module, path) -> None:

@@ -27,7 +27,7 @@ Export: the prune is one edgetok::token_drop. The merge cannot be
 edgetok::token_merge, whose sources/destinations are the fixed even/odd split,
 while DiffRate's are set by importance; it is written in standard ops instead
 (pairwise rank counts, TopK, GatherElements, ArgMax, a one-hot MatMul for the sums — no
-scatter, per DESIGN.md's rules). Departures: merged tokens keep original
+scatter, per the rules of docs/ops.md). Departures: merged tokens keep original
 order (the reference keeps importance order; blocks are permutation-equivariant),
 merge targets tie to the lower index.
 """

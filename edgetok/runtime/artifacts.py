@@ -13,9 +13,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from ..errors import EdgetokError
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 ONNX_NAME = "model.onnx"
 EXPORT_MANIFEST = "manifest.json"
@@ -56,18 +59,16 @@ class Artifacts:
     root: Path
     onnx: Optional[Path] = None
     engine: Optional[Path] = None
-    manifest: dict = field(default_factory=dict)  # export manifest ({} when absent)
+    manifest: Optional["Manifest"] = None  # the export manifest (runtime/manifest.py), None for a bare file
     engine_manifest: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return str(self.manifest.get("model") or (self.onnx or self.engine or self.root).stem)
+        return self.manifest.model if self.manifest else str((self.onnx or self.engine or self.root).stem)
 
     def inputs(self) -> list[TensorSpec]:
-        if self.manifest.get("inputs"):
-            return [_spec(d) for d in self.manifest["inputs"]]
-        if self.manifest.get("input"):
-            return [_spec(self.manifest["input"])]
+        if self.manifest:
+            return [TensorSpec(t.name, list(t.shape), t.dtype) for t in self.manifest.inputs]
         if self.engine_manifest.get("inputs"):
             return [_spec(d) for d in self.engine_manifest["inputs"]]
         if self.onnx is not None:
@@ -75,9 +76,8 @@ class Artifacts:
         raise ArtifactError(f"{self.root}: no manifest and no ONNX file say what the model's input is")
 
     def outputs(self) -> list[TensorSpec]:
-        outs = self.manifest.get("outputs")
-        if outs and all(isinstance(o, dict) and "shape" in o for o in outs):
-            return [_spec(o) for o in outs]
+        if self.manifest:
+            return [TensorSpec(t.name, list(t.shape), t.dtype) for t in self.manifest.outputs]
         if self.onnx is not None:
             return onnx_io(self.onnx)[1]
         if self.engine_manifest.get("outputs"):
@@ -112,8 +112,9 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path
     return path
 
 
-def write_json(path, obj) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path, obj, sort_keys: bool = True) -> Path:
+    """``obj`` as indented JSON at ``path``, atomically (values JSON cannot hold are written as str)."""
+    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def sha256_file(path) -> str:
@@ -169,7 +170,11 @@ def resolve(path: Union[str, os.PathLike]) -> Artifacts:
             f"({', '.join(ENGINE_SUFFIXES)})"
         )
     if (meta_dir / EXPORT_MANIFEST).exists():
-        art.manifest = read_json(meta_dir / EXPORT_MANIFEST)
+        from .manifest import Manifest
+
+        art.manifest = Manifest.read(meta_dir / EXPORT_MANIFEST)
+        if art.onnx is not None and art.onnx.name == ONNX_NAME:
+            art.manifest.check_file(art.onnx)
     if art.engine is not None:
         em = engine_manifest_path(art.engine)
         if em.exists():

@@ -200,20 +200,27 @@ class TrtRunner(Runner):
         self.output_names = [n for n in names if n not in inputs]
         spec = manifest["inputs"][0]
         self.input = TensorSpec(inputs[0], list(spec["shape"]))
+        self.state_inputs = inputs[1:]  # a streaming step's state (previous-frame tokens)
         self.profile = spec.get("profile")
         self.stream = torch.cuda.Stream()
 
-    def infer(self, x):
+    def infer(self, x, **state):
         self.check(x)
         if self.profile and not (self.profile["min"][0] <= x.shape[0] <= self.profile["max"][0]):
             raise InputShapeError(
                 f"batch {x.shape[0]} is outside the engine's profile {self.profile['min'][0]}..{self.profile['max'][0]}; "
                 "rebuild with a config whose batch profile covers it"
             )
+        missing = [n for n in self.state_inputs if n not in state]
+        if missing or set(state) - set(self.state_inputs):
+            raise InputShapeError(f"the engine takes inputs {[self.input.name, *self.state_inputs]}; got "
+                                  f"{[self.input.name, *state]}")
         torch = self.torch
-        xin = torch.from_numpy(x).cuda()
-        self.context.set_input_shape(self.input.name, tuple(x.shape))
-        self.context.set_tensor_address(self.input.name, xin.data_ptr())
+        feeds = {self.input.name: torch.from_numpy(np.ascontiguousarray(x)).cuda()}
+        feeds |= {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in state.items()}
+        for name, t in feeds.items():
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
         outs = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -256,11 +263,15 @@ class TorchRunner(Runner):
         self.torch, self.module, self.device = torch, module.eval().to(device), device
         self.input, self.output_names = input_spec, output_names
 
-    def infer(self, x):
+    def infer(self, x, **state):
+        """``state``: further named inputs, passed to the module by name (a DTD step's prev_tokens)."""
         self.check(x)
         torch = self.torch
+        kwargs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in state.items()}
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(x).to(self.device))
+            out = self.module(torch.from_numpy(x).to(self.device), **kwargs)
+        if isinstance(out, dict):
+            return {k: v.detach().cpu().numpy() for k, v in out.items()}
         outs = out if isinstance(out, (tuple, list)) else [out]
         names = self.output_names if len(self.output_names) == len(outs) else [f"output{i}" for i in range(len(outs))]
         return {n: o.detach().float().cpu().numpy() for n, o in zip(names, outs)}

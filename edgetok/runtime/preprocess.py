@@ -28,9 +28,14 @@ class Preprocessor:
     resize: bool = True
 
     @classmethod
-    def from_manifest(cls, manifest: dict, input_shape: Sequence, resize: bool = True) -> "Preprocessor":
+    def from_manifest(cls, manifest, input_shape: Sequence, resize: bool = True) -> "Preprocessor":
+        """From an export's Manifest (runtime/manifest.py), or None when there is none."""
+        return cls.from_preprocessing(manifest.preprocessing if manifest else None, input_shape, resize)
+
+    @classmethod
+    def from_preprocessing(cls, pre: Optional[dict], input_shape: Sequence, resize: bool = True) -> "Preprocessor":
         c, h, w = (int(d) if isinstance(d, int) else None for d in list(input_shape)[1:4])
-        pre = manifest.get("preprocessing") or {}
+        pre = pre or {}
         size = pre.get("size")
         if size is not None:
             size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size[-2:])

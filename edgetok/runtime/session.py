@@ -31,8 +31,9 @@ class Session:
         return self.runner.input
 
     @property
-    def manifest(self) -> dict:
-        return self.artifacts.manifest if self.artifacts else {}
+    def manifest(self):
+        """The export's Manifest (runtime/manifest.py), or None (a bare ONNX file, an nn.Module)."""
+        return self.artifacts.manifest if self.artifacts else None
 
     def prepare(self, images) -> np.ndarray:
         """Images (numpy/torch, NCHW/NHWC, uint8/float) -> the model's float32 NCHW input."""
@@ -93,6 +94,6 @@ def _from_module(module, preprocess: bool, resize: bool, device: str = "cpu", **
     info = adapter_for(module).info(module)
     spec = TensorSpec("images", ["batch", *info.input_shape])
     cfg = getattr(module, "pretrained_cfg", None) or {}
-    manifest = {"preprocessing": {"mean": cfg.get("mean"), "std": cfg.get("std")}}
-    pre = Preprocessor.from_manifest(manifest, spec.shape, resize) if preprocess else None
+    pre = Preprocessor.from_preprocessing({"mean": cfg.get("mean"), "std": cfg.get("std")}, spec.shape,
+                                          resize) if preprocess else None
     return Session(TorchRunner(module, spec, ["output"], device), pre)

@@ -112,14 +112,12 @@ class StreamSession:
 
 def _dtd_step(session, threshold, protect_first) -> Optional[dict]:
     """The manifest's ``stream`` entry when ``session`` runs an exported DTD step, else None."""
-    step = (getattr(session, "manifest", None) or {}).get("stream")
+    manifest = getattr(session, "manifest", None)
+    step = manifest.stream if manifest is not None else None
     if not step:
         return None
     if step.get("kind") != "dtd":
         raise EdgetokError(f"this export is a {step.get('kind')!r} streaming step; StreamSession runs DTD steps")
-    if session.backend not in ("ort-cpu", "ort-cuda"):
-        raise EdgetokError(f"an exported DTD step runs on ONNX Runtime here, not {session.backend!r}; "
-                           "load it with backend='ort-cpu' or 'ort-cuda'")
     for name, given in (("threshold", threshold), ("protect_first", protect_first)):
         if given is not None and float(given) != float(step[name]):
             raise EdgetokError(f"this export drops with {name}={step[name]} inside its graph, not {given}; "

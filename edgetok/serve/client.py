@@ -134,13 +134,13 @@ def _preprocessor(preprocess, input_dims):
     if preprocess is None or isinstance(preprocess, Preprocessor):
         return preprocess
     if isinstance(preprocess, (str, Path)):
-        from ..runtime.artifacts import EXPORT_MANIFEST, read_json
+        from ..runtime.manifest import NAME, Manifest
 
         p = Path(preprocess)
-        p = p / EXPORT_MANIFEST if p.is_dir() else p
+        p = p / NAME if p.is_dir() else p
         if not p.exists():
             raise ClientError(f"{p} does not exist; pass the export directory the server serves")
         shape = ["batch", *[int(d) for d in list(input_dims)[-3:]]]
-        return Preprocessor.from_manifest(read_json(p), shape)
+        return Preprocessor.from_manifest(Manifest.read(p), shape)
     raise ClientError(f"preprocess must be None, a Preprocessor or an export directory, not {type(preprocess).__name__}")
 

@@ -36,13 +36,28 @@ def write_repository(path, output, backend: str = "onnxruntime", name: Optional[
     art = resolve(path)
     platform, filename = PLATFORMS[backend]
     name = name or art.name.replace("/", "_")
+    src = _model_file(art, path, backend)
+    needs_plugin = backend == "tensorrt" and bool(art.engine_manifest.get("plugin") or
+                                                   art.engine_manifest.get("needs_plugin"))
+    repo = Path(output)
+    model_dir = repo / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    write_atomic(model_dir / "1" / filename, src.read_bytes())
+    config = write_atomic(model_dir / "config.pbtxt", _config_text(art, name, platform, backend, max_batch_size,
+                                                                   instances))
+    readme = [f"# Triton model repository for {name}", "", f"Backend: {backend} (`{platform}`), written by edgetok.", ""]
+    readme += _plugin_lines(repo, plugin_lib) if needs_plugin else ["```", "tritonserver --model-repository=$PWD", "```"]
+    write_atomic(repo / "README.md", "\n".join(readme) + "\n")
+    return config
+
+
+def _model_file(art, path, backend: str) -> Path:
     src = art.onnx if backend == "onnxruntime" else art.engine
     if src is None:
         raise EdgetokError(
             f"{path} has no {'ONNX model' if backend == 'onnxruntime' else 'TensorRT engine'} for the {backend} backend"
             + ("; build one with `edgetok build` on the serving GPU" if backend == "tensorrt" else "")
         )
-    needs_plugin = False
     if backend == "onnxruntime":
         from ..trt.plan import edgetok_ops
 
@@ -52,41 +67,33 @@ def write_repository(path, output, backend: str = "onnxruntime", name: Optional[
                 f"{art.onnx} has edgetok nodes without function bodies ({', '.join(sorted(nodes - bodies))}), which "
                 "ONNX Runtime cannot run; re-export with --target portable or use --backend tensorrt"
             )
-    else:
-        em = art.engine_manifest
-        needs_plugin = bool(em.get("plugin") or em.get("needs_plugin"))
+    return src
+
+
+def _config_text(art, name: str, platform: str, backend: str, max_batch_size: Optional[int], instances: int) -> str:
     inputs, outputs = art.inputs(), art.outputs()
     batched = all(s.batch_dynamic for s in inputs)
     if batched and max_batch_size is None:
         prof = (art.engine_manifest.get("inputs") or [{}])[0].get("profile")
         max_batch_size = prof["max"][0] if prof else 8
     mbs = max_batch_size if batched else 0
+    kind = "KIND_GPU" if backend == "tensorrt" else "KIND_AUTO"
     lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {mbs}",
              "input [\n" + ",\n".join(_tensor(s, batched) for s in inputs) + "\n]",
              "output [\n" + ",\n".join(_tensor(s, batched) for s in outputs) + "\n]",
-             f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_GPU\n  }}\n]"
-             if backend == "tensorrt" else f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_AUTO\n  }}\n]"]
+             f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]"]
     if mbs:
         lines.append("dynamic_batching {\n  max_queue_delay_microseconds: 100\n}")
-    repo = Path(output)
-    model_dir = repo / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    write_atomic(model_dir / "1" / filename, src.read_bytes())
-    config = write_atomic(model_dir / "config.pbtxt", "\n".join(lines) + "\n")
-    readme = [f"# Triton model repository for {name}", "",
-              f"Backend: {backend} (`{platform}`), written by edgetok.", ""]
-    if needs_plugin:
-        from ..runtime.env import plugin_library
+    return "\n".join(lines) + "\n"
 
-        lib = plugin_library(plugin_lib)
-        dest = repo / "plugins" / lib.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dest, lib.read_bytes())
-        readme += ["The engine uses the edgetok TensorRT plugins; load them into the server:", "", "```",
-                   f"LD_PRELOAD=$PWD/plugins/{lib.name} tritonserver --model-repository=$PWD",
-                   f"# or: tritonserver --model-repository=$PWD --backend-config=tensorrt,plugins=$PWD/plugins/{lib.name}",
-                   "```"]
-    else:
-        readme += ["```", "tritonserver --model-repository=$PWD", "```"]
-    write_atomic(repo / "README.md", "\n".join(readme) + "\n")
-    return config
+
+def _plugin_lines(repo: Path, plugin_lib) -> list[str]:
+    """Copy the edgetok plugin library into the repository; the README lines that load it."""
+    from ..runtime.env import plugin_library
+
+    lib = plugin_library(plugin_lib)
+    write_atomic(repo / "plugins" / lib.name, lib.read_bytes())
+    return ["The engine uses the edgetok TensorRT plugins; load them into the server:", "", "```",
+            f"LD_PRELOAD=$PWD/plugins/{lib.name} tritonserver --model-repository=$PWD",
+            f"# or: tritonserver --model-repository=$PWD --backend-config=tensorrt,plugins=$PWD/plugins/{lib.name}",
+            "```"]

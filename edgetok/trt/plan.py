@@ -64,10 +64,11 @@ def _form(nodes: set[str], bodies: set[str], export_target: Optional[str]) -> st
 
 
 def _check_adaptive(art: Artifacts, config, nodes: set[str]) -> None:
-    adaptive = nodes & ADAPTIVE_OPS or art.manifest.get("adaptive") or art.manifest.get("method") in ("dymu", "dtd")
+    method = art.manifest.method if art.manifest else None
+    adaptive = nodes & ADAPTIVE_OPS or (art.manifest and art.manifest.adaptive)
     if adaptive and not config.adaptive:
         raise TargetMismatchError(
-            f"{art.onnx} reduces to a data-dependent token count ({art.manifest.get('method') or ', '.join(sorted(nodes & ADAPTIVE_OPS))}), "
+            f"{art.onnx} reduces to a data-dependent token count ({method or ', '.join(sorted(nodes & ADAPTIVE_OPS))}), "
             f"which config {config.name!r} cannot build ({config.description}); use a fixed-count method "
             "(tome, drop) for this device"
         )
@@ -105,7 +106,7 @@ class BuildPlan:
                 )
         nodes, bodies = edgetok_ops(art.onnx)
         _check_adaptive(art, config, nodes)
-        export_target = art.manifest.get("target")
+        export_target = art.manifest.target if art.manifest else None
         form = _form(nodes, bodies, export_target)
         if config.runtime == "tensorrt-rtx":
             if nodes - bodies:

@@ -116,111 +116,129 @@ _CLASSES: dict[int, tuple[type, type]] = {}
 _LIVE: list = []  # registrations (and through them every plugin object TensorRT holds) stay alive
 
 
+class _StandInPlugin:
+    """Build-time side of one edgetok plugin; records version BUILD_CHECK_VERSION; no kernels.
+    Mixed into the TensorRT module's plugin interfaces by ``_classes`` (TensorRT is imported late)."""
+
+    trt = None  # the TensorRT module, set on the subclass
+
+    def __init__(self, spec: PluginSpec, values: dict, keep: list):
+        for base in (self.trt.IPluginV3, self.trt.IPluginV3OneCore, self.trt.IPluginV3OneBuild,
+                     self.trt.IPluginV3OneRuntime):
+            base.__init__(self)
+        self.plugin_name = spec.name
+        self.plugin_namespace = NAMESPACE
+        self.plugin_version = BUILD_CHECK_VERSION
+        self.num_outputs = len(spec.outputs)
+        self.timing_cache_id = ""
+        self.spec, self.values, self._keep = spec, dict(values), keep
+        keep.append(self)  # TensorRT holds only the C++ side: the Python object must outlive it
+
+    def get_capability_interface(self, type):
+        return self
+
+    def clone(self):
+        return type(self)(self.spec, self.values, self._keep)
+
+    def get_fields_to_serialize(self):
+        import numpy as np
+
+        np_type = {"int32": np.int32, "float32": np.float32}
+        return self.trt.PluginFieldCollection([
+            self.trt.PluginField(f.name, np.array([self.values[f.name]], dtype=np_type[f.kind]),
+                                 _field_type(self.trt, f.kind))
+            for f in self.spec.fields
+        ])
+
+    def configure_plugin(self, inputs, outputs):
+        return None
+
+    def on_shape_change(self, inputs, outputs):
+        return None
+
+    def get_output_data_types(self, input_types):
+        return [input_types[0] if t == "x" else _out_type(self.trt, t) for t in self.spec.outputs]
+
+    def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+        ranks = tuple(len(d) for d in inputs)
+        if ranks != self.spec.input_ranks:
+            raise ValueError(f"{self.spec.name}: inputs of ranks {ranks}, expected {self.spec.input_ranks}")
+        return self.spec.shapes(self.trt, expr_builder, inputs, self.values)
+
+    def supports_format_combination(self, pos, in_out, num_inputs):
+        trt, desc = self.trt, in_out[pos].desc
+        if desc.format != trt.TensorFormat.LINEAR:
+            return False
+        if pos == 0:
+            return desc.type in tuple(getattr(trt.DataType, t) for t in ("FLOAT", "HALF", "BF16")
+                                      if hasattr(trt.DataType, t))
+        kind = "x" if pos < num_inputs else self.spec.outputs[pos - num_inputs]
+        return desc.type == (in_out[0].desc.type if kind == "x" else _out_type(trt, kind))
+
+    def get_workspace_size(self, inputs, outputs):
+        return 0  # never sized: the engine records BUILD_CHECK_VERSION so it cannot run
+
+    def get_valid_tactics(self):
+        return []
+
+    def set_tactic(self, tactic):
+        return None
+
+    def attach_to_context(self, context):
+        return self.clone()
+
+    def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+        raise RuntimeError(f"{self.spec.name}: edgetok's Python plugins are build-time stand-ins without "
+                           "kernels; run engines built with the C++ plugin library")
+
+
+class _StandInCreator:
+    trt = None
+    plugin_class = None  # the _StandInPlugin subclass of the same TensorRT module
+
+    def __init__(self, spec: PluginSpec):
+        import numpy as np
+
+        self.trt.IPluginCreatorV3One.__init__(self)
+        self.name = spec.name
+        self.plugin_namespace = NAMESPACE
+        self.plugin_version = VERSION
+        self.field_names = self.trt.PluginFieldCollection(
+            [self.trt.PluginField(f.name, np.array([]), _field_type(self.trt, f.kind)) for f in spec.fields])
+        self.spec = spec
+        self.plugins: list = []
+
+    def create_plugin(self, name, fc, phase):
+        if phase == self.trt.TensorRTPhase.RUNTIME:
+            raise RuntimeError(f"{self.spec.name}: edgetok's Python plugins are build-time stand-ins; load the "
+                               "C++ plugin library (libedgetok_trt_plugins.so) to run an engine")
+        values = {f.name: f.default for f in self.spec.fields}
+        kinds = {f.name: f.kind for f in self.spec.fields}
+        for f in fc:  # unknown fields are ignored, as plugins.cpp's readFields does
+            if f.name not in kinds:
+                continue
+            if f.type != _field_type(self.trt, kinds[f.name]) or len(f.data) < 1:
+                raise TypeError(f"{self.spec.name}: attribute '{f.name}' must be one {kinds[f.name].upper()}")
+            values[f.name] = float(f.data[0]) if kinds[f.name] == "float32" else int(f.data[0])
+        return self.plugin_class(self.spec, values, self.plugins)
+
+
+def _field_type(trt, kind: str):
+    return {"int32": trt.PluginFieldType.INT32, "float32": trt.PluginFieldType.FLOAT32}[kind]
+
+
+def _out_type(trt, kind: str):
+    return {"int64": trt.DataType.INT64, "int32": trt.DataType.INT32}[kind]
+
+
 def _classes(trt):
     """The stand-in plugin and creator classes for the TensorRT module ``trt`` (made once per module)."""
-    if id(trt) in _CLASSES:
-        return _CLASSES[id(trt)]
-    import numpy as np
-
-    field_type = {"int32": trt.PluginFieldType.INT32, "float32": trt.PluginFieldType.FLOAT32}
-    np_type = {"int32": np.int32, "float32": np.float32}
-    out_type = {"int64": trt.DataType.INT64, "int32": trt.DataType.INT32}
-    floats = tuple(getattr(trt.DataType, t) for t in ("FLOAT", "HALF", "BF16") if hasattr(trt.DataType, t))
-
-    class StandInPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        """Build-time side of one edgetok plugin; records version BUILD_CHECK_VERSION; no kernels."""
-
-        def __init__(self, spec: PluginSpec, values: dict, keep: list):
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
-            self.plugin_name = spec.name
-            self.plugin_namespace = NAMESPACE
-            self.plugin_version = BUILD_CHECK_VERSION
-            self.num_outputs = len(spec.outputs)
-            self.timing_cache_id = ""
-            self.spec, self.values, self._keep = spec, dict(values), keep
-            keep.append(self)  # TensorRT holds only the C++ side: the Python object must outlive it
-
-        def get_capability_interface(self, type):
-            return self
-
-        def clone(self):
-            return StandInPlugin(self.spec, self.values, self._keep)
-
-        def get_fields_to_serialize(self):
-            return trt.PluginFieldCollection([
-                trt.PluginField(f.name, np.array([self.values[f.name]], dtype=np_type[f.kind]), field_type[f.kind])
-                for f in self.spec.fields
-            ])
-
-        def configure_plugin(self, inputs, outputs):
-            return None
-
-        def on_shape_change(self, inputs, outputs):
-            return None
-
-        def get_output_data_types(self, input_types):
-            return [input_types[0] if t == "x" else out_type[t] for t in self.spec.outputs]
-
-        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
-            ranks = tuple(len(d) for d in inputs)
-            if ranks != self.spec.input_ranks:
-                raise ValueError(f"{self.spec.name}: inputs of ranks {ranks}, expected {self.spec.input_ranks}")
-            return self.spec.shapes(trt, expr_builder, inputs, self.values)
-
-        def supports_format_combination(self, pos, in_out, num_inputs):
-            desc = in_out[pos].desc
-            if desc.format != trt.TensorFormat.LINEAR:
-                return False
-            if pos == 0:
-                return desc.type in floats
-            kind = "x" if pos < num_inputs else self.spec.outputs[pos - num_inputs]
-            return desc.type == (in_out[0].desc.type if kind == "x" else out_type[kind])
-
-        def get_workspace_size(self, inputs, outputs):
-            return 0  # never sized: the engine records BUILD_CHECK_VERSION so it cannot run
-
-        def get_valid_tactics(self):
-            return []
-
-        def set_tactic(self, tactic):
-            return None
-
-        def attach_to_context(self, context):
-            return self.clone()
-
-        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            raise RuntimeError(f"{self.spec.name}: edgetok's Python plugins are build-time stand-ins without "
-                               "kernels; run engines built with the C++ plugin library")
-
-    class StandInCreator(trt.IPluginCreatorV3One):
-        def __init__(self, spec: PluginSpec):
-            trt.IPluginCreatorV3One.__init__(self)
-            self.name = spec.name
-            self.plugin_namespace = NAMESPACE
-            self.plugin_version = VERSION
-            self.field_names = trt.PluginFieldCollection(
-                [trt.PluginField(f.name, np.array([]), field_type[f.kind]) for f in spec.fields])
-            self.spec = spec
-            self.plugins: list = []
-
-        def create_plugin(self, name, fc, phase):
-            if phase == trt.TensorRTPhase.RUNTIME:
-                raise RuntimeError(f"{self.spec.name}: edgetok's Python plugins are build-time stand-ins; load the "
-                                   "C++ plugin library (libedgetok_trt_plugins.so) to run an engine")
-            values = {f.name: f.default for f in self.spec.fields}
-            kinds = {f.name: f.kind for f in self.spec.fields}
-            for f in fc:  # unknown fields are ignored, as plugins.cpp's readFields does
-                if f.name not in kinds:
-                    continue
-                if f.type != field_type[kinds[f.name]] or len(f.data) < 1:
-                    raise TypeError(f"{self.spec.name}: attribute '{f.name}' must be one {kinds[f.name].upper()}")
-                values[f.name] = float(f.data[0]) if kinds[f.name] == "float32" else int(f.data[0])
-            return StandInPlugin(self.spec, values, self.plugins)
-
-    _CLASSES[id(trt)] = (StandInPlugin, StandInCreator)
+    if id(trt) not in _CLASSES:
+        plugin = type("StandInPlugin", (_StandInPlugin, trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
+                                        trt.IPluginV3OneRuntime), {"trt": trt})
+        creator = type("StandInCreator", (_StandInCreator, trt.IPluginCreatorV3One),
+                       {"trt": trt, "plugin_class": plugin})
+        _CLASSES[id(trt)] = (plugin, creator)
     return _CLASSES[id(trt)]
 
 

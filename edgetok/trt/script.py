@@ -130,10 +130,7 @@ def write_build_bundle(plan: BuildPlan, bundle: Path, plugin_lib: Optional[Path]
 
 def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, have_sources: bool) -> str:
     cfg = plan.config
-    rng = cfg.tensorrt
-    lo = ".".join(map(str, vtuple(rng.min))) if rng else "0"
-    hi = ".".join(map(str, vtuple(rng.max))) if rng and rng.max else ""
-    L = [
+    lines = [
         "#!/usr/bin/env bash",
         f"# Build the TensorRT engine for config {cfg.name!r} ({cfg.description}).",
         f"# Written by edgetok {__version__} on a machine without TensorRT; run it on the device:",
@@ -144,6 +141,18 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         'cd "$(dirname "$0")"',
         'die() { echo "error: $*" >&2; exit 1; }',
         "",
+        *_check_tensorrt(cfg), *_check_gpu(cfg), *_skip_when_built(input_key),
+        *(_plugin_library(plugin_cmds, built_lib, have_sources) if plan.needs_plugin else []),
+        *_engine(variants), *_engine_manifest(),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _check_tensorrt(cfg) -> list[str]:
+    rng = cfg.tensorrt
+    lo = ".".join(map(str, vtuple(rng.min))) if rng else "0"
+    hi = ".".join(map(str, vtuple(rng.max))) if rng and rng.max else ""
+    return [
         "# -- TensorRT: trtexec and its version --",
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
         '[ -x "$TRTEXEC" ] || die "trtexec not found (JetPack: /usr/src/tensorrt/bin/trtexec); install TensorRT or set TRTEXEC"',
@@ -158,6 +167,11 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         'if [ -n "$HI" ]; then MAJMIN="${TRT_VERSION%.*}"; [ "$(vercmp "$MAJMIN" "$HI")" = "$MAJMIN" ] || '
         'die "TensorRT $TRT_VERSION is newer than ' + (hi or "any") + f', the range of config {cfg.name}; use that device\'s config"; fi',
         "",
+    ]
+
+
+def _check_gpu(cfg) -> list[str]:
+    return [
         "# -- GPU: the config's compute capability --",
         f'WANT_SM="{cfg.sm or ""}"',
         'SM=""',
@@ -171,6 +185,11 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         "fi",
         '[ -n "$SM" ] || echo "warning: could not detect the GPU compute capability; assuming sm_$WANT_SM" >&2',
         "",
+    ]
+
+
+def _skip_when_built(input_key: str) -> list[str]:
+    return [
         f'INPUT_KEY="{input_key}"',
         'STAMP="$INPUT_KEY $TRT_VERSION ${SM:-$WANT_SM}"',
         'if [ -z "${FORCE:-}" ] && [ -f engine.plan ] && [ -f .build_stamp ] && [ "$(cat .build_stamp)" = "$STAMP" ]; then',
@@ -180,23 +199,31 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         'mkdir -p "$(dirname "$TIMING_CACHE")"',
         "",
     ]
-    if plan.needs_plugin:
-        L += ["# -- the edgetok plugin library (the ONNX has edgetok nodes TensorRT runs as plugins) --",
-              'PLUGIN_LIB="${EDGETOK_PLUGIN_LIBRARY:-}"',
-              'if [ -z "$PLUGIN_LIB" ]; then']
-        if have_sources:
-            L += ["  " + c for c in plugin_cmds] + [f'  PLUGIN_LIB="{built_lib}"']
-        else:
-            L += ['  die "this bundle has no plugin sources; build libedgetok_plugins.so on the device and set EDGETOK_PLUGIN_LIBRARY"']
-        L += ["fi", '[ -f "$PLUGIN_LIB" ] || die "plugin library $PLUGIN_LIB not found"', ""]
-    L += ["# -- the engine --", 'TRT_MAJOR="${TRT_VERSION%%.*}"']
+
+
+def _plugin_library(plugin_cmds, built_lib, have_sources: bool) -> list[str]:
+    lines = ["# -- the edgetok plugin library (the ONNX has edgetok nodes TensorRT runs as plugins) --",
+             'PLUGIN_LIB="${EDGETOK_PLUGIN_LIBRARY:-}"',
+             'if [ -z "$PLUGIN_LIB" ]; then']
+    if have_sources:
+        lines += ["  " + c for c in plugin_cmds] + [f'  PLUGIN_LIB="{built_lib}"']
+    else:
+        lines += ['  die "this bundle has no plugin sources; build libedgetok_plugins.so on the device and set EDGETOK_PLUGIN_LIBRARY"']
+    return lines + ["fi", '[ -f "$PLUGIN_LIB" ] || die "plugin library $PLUGIN_LIB not found"', ""]
+
+
+def _engine(variants) -> list[str]:
+    lines = ["# -- the engine --", 'TRT_MAJOR="${TRT_VERSION%%.*}"']
     weak, strong = variants.get("weak"), variants.get("strong")
     if weak and strong:
-        L += ['if [ "$TRT_MAJOR" -ge 11 ]; then', "  # TensorRT 11 is strongly typed: the cast model carries the precision",
-              "  " + _q(strong[1]), "else", "  " + _q(weak[1]), "fi"]
-    else:
-        L.append(_q((weak or strong)[1]))
-    L += [
+        return lines + ['if [ "$TRT_MAJOR" -ge 11 ]; then',
+                        "  # TensorRT 11 is strongly typed: the cast model carries the precision",
+                        "  " + _q(strong[1]), "else", "  " + _q(weak[1]), "fi"]
+    return lines + [_q((weak or strong)[1])]
+
+
+def _engine_manifest() -> list[str]:
+    return [
         "",
         "# engine.json: what the engine was built for (edgetok checks it before loading)",
         "cp build.json engine.json.tmp",
@@ -217,4 +244,3 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         'echo "$STAMP" > .build_stamp',
         'echo "built $(pwd)/engine.plan with TensorRT $TRT_VERSION"',
     ]
-    return "\n".join(L) + "\n"

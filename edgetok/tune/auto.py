@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -97,13 +96,9 @@ def _cache_path(key: dict, directory: Optional[os.PathLike]) -> Path:
 
 
 def save_table(table: CostTable, directory: Optional[os.PathLike] = None) -> Path:
-    path = _cache_path(table.key, directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(table.to_dict(), f, indent=1)
-    os.replace(tmp, path)
-    return path
+    from ..runtime.artifacts import write_json
+
+    return write_json(_cache_path(table.key, directory), table.to_dict())
 
 
 def load_table(key: dict, directory: Optional[os.PathLike] = None) -> Optional[CostTable]:
@@ -239,44 +234,24 @@ def _time_torch(backend):
 
 def _time_ort(backend):
     """Export each module (edgetok ops with their function bodies) and time it in ONNX Runtime."""
-    import time
-
     import numpy as np
     import onnxruntime as ort
 
-    from ..ops.onnx import add_functions, custom_translation_table
-    from ..validate.timing import ort_session_options, percentile
+    from ..export.exporter import trace
+    from ..runtime.backends import ort_session
+    from ..validate.timing import interleaved, median
 
     providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     if providers[0] not in ort.get_available_providers():
         raise EdgetokError(f"backend {backend} needs onnxruntime with {providers[0]}; install onnxruntime-gpu")
 
-    def session(mod, x):
-        import contextlib
-        import io
-        import warnings
-
-        # the exporter prints progress and deprecation warnings even with verbose=False
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(mod.cpu(), (x.cpu(),), dynamo=True, opset_version=18, input_names=["x"],
-                                     custom_translation_table=custom_translation_table(), verbose=False)
-        proto = add_functions(prog.model_proto)
-        return ort.InferenceSession(proto.SerializeToString(), ort_session_options(interleaved=True),
-                                    providers=providers)
-
     def run(mods, x, repeats):
-        sessions = {k: session(m, x) for k, m in mods.items()}
-        feeds = {k: {s.get_inputs()[0].name: x.cpu().numpy().astype(np.float32)} for k, s in sessions.items()}
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(repeats):
-            for k, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds[k])
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        return {k: percentile(v, 50) for k, v in times.items()}
+        sessions = {k: ort_session(trace(m.cpu().eval(), (x.cpu(),), ["x"]), providers, interleaved=True)
+                    for k, m in mods.items()}
+        feed = {"x": x.cpu().numpy().astype(np.float32)}
+        times = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, repeats=repeats,
+                            warmup=1)
+        return {k: median(v) for k, v in times.items()}
 
     return run
 

@@ -17,8 +17,6 @@ images:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -308,13 +306,6 @@ def plot_merges(model: nn.Module, image: np.ndarray, path, title: str = "") -> P
 
 
 def _save(fig, path) -> Path:
-    import matplotlib.pyplot as plt
+    from .figures import save_figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

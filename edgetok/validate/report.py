@@ -29,20 +29,18 @@ def _describe(sess: Session, stats) -> dict:
     return {
         "path": str(sess.artifacts.root if sess.artifacts else "module"),
         "backend": sess.backend,
-        "model": m.get("model"),
-        "method": m.get("method"),
-        "params": m.get("params"),
-        "tokens": m.get("tokens"),
-        "flops": m.get("flops"),
+        "model": m.model if m else None,
+        "method": m.method if m else None,
+        "params": m.params if m else None,
+        "tokens": m.tokens if m else None,
+        "flops": m.flops if m else None,
         "latency": stats.to_dict(),
     }
 
 
 def _gflops(m) -> Optional[float]:
-    f = m.get("flops") if m else None
-    if isinstance(f, dict):
-        f = f.get("total")
-    return float(f) if isinstance(f, (int, float)) and f > 0 else None
+    total = (m.flops or {}).get("total") if m else None
+    return float(total) if isinstance(total, (int, float)) and total > 0 else None
 
 
 def validate(

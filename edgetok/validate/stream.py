@@ -3,8 +3,6 @@ drift per frame, their summary, and the plot (shared by ``edgetok stream`` and
 benchmarks/bench_stream.py)."""
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -13,6 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import MissingDependencyError
+from .figures import save_figure
+from .timing import Stopwatch
 
 # frame [1,C,H,W] -> (tokens [B,N,C], computed tokens, slots run, changed patch tokens, refreshed)
 StreamFn = Callable[[torch.Tensor], tuple]
@@ -82,9 +82,9 @@ def compare_stream(frames: Iterable[torch.Tensor], stream: StreamFn, full: FullF
         timed = {}
         order = ("stream", "full") if i % 2 else ("full", "stream")
         for name in order:
-            t0 = time.perf_counter()
+            watch = Stopwatch()
             timed[name] = (stream if name == "stream" else full)(frame)
-            timed[name + "_ms"] = (time.perf_counter() - t0) * 1e3
+            timed[name + "_ms"] = watch.ms
         tokens, computed, slots, changed, refreshed = timed["stream"]
         s, f = _np(tokens)[0], _np(timed["full"])[0]
         rec = FrameRecord(i, changed, computed, slots, refreshed, timed["stream_ms"], timed["full_ms"],
@@ -157,10 +157,4 @@ def plot(series: dict[str, list[FrameRecord]], tokens: int, path, title: str = "
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -21,8 +21,8 @@ def sync(device: str = "cpu") -> None:
 def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, device: str = "cpu"):
     """Run every function ``warmup`` times, then ``repeats`` rounds of one call
     each in turn. Returns {name: [milliseconds per call]}."""
-    for _ in range(warmup):
-        for fn in fns.values():
+    for fn in fns.values():  # warm-up per function, then one timed call each per round
+        for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -33,6 +33,18 @@ def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int = 20, warm
             sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+class Stopwatch:
+    """Milliseconds since it was made (``ms``), for timings that are not a loop over
+    models: a frame of a stream, a request under load, the wall time of a load test."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @property
+    def ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1e3
 
 
 def percentile(values, q: float) -> float:
