@@ -103,12 +103,29 @@ def time_exports(graphs: dict, batches, repeats: dict, warmup: int, threads: int
     out = {label: {} for label in graphs}
     for b in batches:
         feed = {"pixel_values": np.random.default_rng(0).standard_normal((b, 3, 32, 32), dtype=np.float32)}
-        times = interleaved({label: (lambda s=s: s.run(None, feed)) for label, s in sessions.items()},
+        times = interleaved({label: (lambda s=s, feed=feed: s.run(None, feed)) for label, s in sessions.items()},
                             repeats=repeats[b], warmup=warmup)
         for label, ts in times.items():
             out[label][str(b)] = median(ts)
         print(f"timed batch {b}: " + ", ".join(f"{k} {median(v):.2f} ms" for k, v in times.items()), flush=True)
     return out
+
+
+def render(result: dict) -> str:
+    """The markdown table of a result (docs/clca.md)."""
+    rows = result["rows"]
+    base = rows["unreduced"]["top1"]
+    lines = ["| variant | top-1 | loss vs unreduced | FLOPs ratio | ORT speed bs1 | ORT speed bs32 | tokens per block |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        speed = r.get("ort_speed_ratio", {})
+        sp = [f"{speed[b]:.2f}x" if b in speed else "-" for b in ("1", "32")]
+        if r.get("timed_graph") not in (None, label):
+            sp = [f"{v} (=)" if v != "-" else v for v in sp]
+        loss = "-" if label == "unreduced" else f"{100 * (base - r['top1']):+.1f} pt"
+        lines.append(f"| {label} | {100 * r['top1']:.1f}% | {loss} | {r['flops_ratio']:.2f}x | {sp[0]} | {sp[1]} | "
+                     f"{' '.join(map(str, r['tokens']))} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -131,7 +148,11 @@ def main(argv=None):
     p.add_argument("--workdir", default=None,
                    help="checkpoints, exports, per-variant results (default: $TMPDIR/edgetok-<output name>-work)")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/clca.json)")
+    p.add_argument("--render", action="store_true", help="print the markdown table of --output and exit")
     a = p.parse_args(argv)
+    if a.render:
+        print(render(json.loads(Path(a.output or Path(__file__).parent / "results" / "clca.json").read_text())))
+        return
 
     import torch
 

@@ -19,7 +19,6 @@ import edgetok
 from edgetok.errors import EdgetokError, InputShapeError, ScheduleError, UnknownMethodError
 
 import manual
-import naive
 from conftest import tiny_vit
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # 16 patches + class token
@@ -292,7 +291,7 @@ def test_finetune_trains_and_resumes_exactly(tmp_path):
     straight = build()
     before = state_of(straight)
     seen = []
-    res = finetune(straight, x, y, recipe, progress=seen.append)
+    finetune(straight, x, y, recipe, progress=seen.append)
     assert [s["step"] for s in seen] == [1, 2, 3, 4] and all(math.isfinite(s["loss"]) for s in seen)
     after = state_of(straight)
     assert not torch.equal(before["clca.head.fc.weight"], after["clca.head.fc.weight"])
