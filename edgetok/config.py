@@ -10,7 +10,7 @@ DLA cores.
 YAML keys::
 
     description: one line                          (required)
-    runtime: onnxruntime | tensorrt | tensorrt-rtx (required)
+    runtime: onnxruntime | tensorrt | tensorrt-rtx | openvino (required)
     device: cpu | cuda | jetson | rtx              (required)
     target: portable | trt | trt-override | inlined (required; see edgetok.export.targets)
     opset: 17..23                                  (required)
@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import EdgetokError
 
 TARGET_NAMES = ("portable", "trt", "trt-override", "inlined")  # edgetok.export.targets.TARGETS
-RUNTIMES = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+RUNTIMES = ("onnxruntime", "tensorrt", "tensorrt-rtx", "openvino")
 DEVICES = ("cpu", "cuda", "jetson", "rtx")
 PRECISIONS = ("fp32", "fp16", "int8", "best")
 PLUGIN_APIS = ("IPluginV3", "none")
@@ -191,6 +191,9 @@ class ExportConfig(_Strict):
         if self.runtime == "tensorrt-rtx" and self.target == "trt":
             raise ValueError("runtime tensorrt-rtx cannot load the edgetok plugins (docs/deploy.md), "
                               "so target 'trt' (bodies stripped) cannot build there; use target: portable or inlined")
+        if self.runtime == "openvino" and (self.target == "trt" or self.device != "cpu"):
+            raise ValueError("runtime openvino runs standard ops on the CPU (edgetok/runtime/openvino.py): use "
+                              "device: cpu and target: inlined or portable (target 'trt' has no bodies to run)")
         return self
 
     def to_dict(self) -> dict:

@@ -111,7 +111,9 @@ def _list(text: str, cast=str) -> list:
 @click.option("--variant", "variants", multiple=True, metavar="METHOD:K=V;K=V",
               help=f"Reduced variants (repeatable; default {' '.join(DEFAULT_VARIANTS)}).")
 @click.option("--batches", default="1,8", show_default=True, help="Comma list of batch sizes.")
-@click.option("--backends", default="", help="Comma list of torch-cpu, ort-cpu, torch-cuda, ort-cuda (default: all present).")
+@click.option("--backends", "--backend", "backends", default="",
+              help="Comma list of torch-cpu, ort-cpu, torch-cuda, ort-cuda, openvino, openvino-bf16 (default: all "
+                   "present; openvino-bf16 only when named).")
 @click.option("--repeats", default=10, show_default=True, help="Interleaved timing rounds.")
 @click.option("--fidelity-images", default=0, show_default=True,
               help="Also measure fidelity on this many shipped-photo views (0: off).")

@@ -6,7 +6,8 @@ import click
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch"]), help="default: best available")
+@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch", "openvino", "openvino-bf16"]),
+              help="default: best available (openvino: float32; openvino-bf16 only when asked, docs/openvino.md)")
 @click.option("--budget-ms", type=float, help="p99 latency budget; exit code 1 when missed")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--runs", type=int, default=50, show_default=True)

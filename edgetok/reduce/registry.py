@@ -63,3 +63,11 @@ def methods() -> dict[str, str]:
     """Registered method names with a one-line summary each."""
     _load_builtin()
     return {name: m.summary for name, m in sorted(_METHODS.items())}
+
+
+def takes_param(name: str, param: str) -> bool:
+    """Whether method ``name``'s build function takes ``param`` (e.g. tome's ``clamp``, which
+    `edgetok export` turns on unless --strict)."""
+    import inspect
+
+    return param in inspect.signature(get_method(name).build).parameters

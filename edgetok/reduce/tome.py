@@ -29,6 +29,8 @@ Departures from the reference code, all deliberate:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..errors import ScheduleError
@@ -56,7 +58,7 @@ def check_merge(n: int, r: int, protect_first: int, where: str = "") -> None:
         raise ScheduleError(
             f"{where}cannot merge r={r} tokens out of {n} (with {protect_first} protected "
             f"tokens at most {limit} can merge in one step); lower r, or pass clamp=True to merge what each "
-            "layer can (the ToMe reference code's rule)"
+            "layer can (the ToMe reference code's rule; `edgetok export` does so unless --strict)"
         )
 
 
@@ -153,11 +155,27 @@ def build_tome(depth: int, tokens: int, protect: int, r=8, prop_attn: bool = Tru
                clamp: bool = False) -> Plan:
     p = protect if protect_first is None else int(protect_first)
     rs = resolve_counts(r, depth, "r")
-    reducers, n = [], tokens
+    reducers, n, clamped = [], tokens, []
     for i, ri in enumerate(rs):
-        if clamp:
-            ri = rs[i] = min(ri, max_merges(n, p))
+        if clamp and ri > max_merges(n, p):
+            clamped.append({"layer": i, "r": ri, "merged": max_merges(n, p), "tokens_in": n})
+            ri = rs[i] = max_merges(n, p)
         step = TokenMerge(ri, p)
         n = step.tokens_after(n, f"layer {i}: ")
         reducers.append(step if ri else None)
-    return Plan("tome", {"r": rs, "prop_attn": prop_attn, "protect_first": p}, reducers, prop_attn=prop_attn)
+    plan = Plan("tome", {"r": rs, "prop_attn": prop_attn, "protect_first": p}, reducers, prop_attn=prop_attn)
+    if clamped:  # what clamp=True changed, for the CLI's note (clamp_note)
+        plan.summary["clamped"] = {"layers": clamped, "tokens_left": n}
+    return plan
+
+
+def clamp_note(plan) -> Optional[str]:
+    """One line naming the layers where clamp=True merged fewer tokens than r asked and the tokens
+    left after the last layer (what `edgetok export` prints; `--strict` makes it an error), or None."""
+    info = (plan.summary if plan is not None else {}).get("clamped")
+    if not info:
+        return None
+    layers = ", ".join(f"layer {c['layer']} merged {c['merged']} of r={c['r']} ({c['tokens_in']} tokens in)"
+                       for c in info["layers"])
+    return (f"r clamped to what each layer can merge (the ToMe reference code's rule): {layers}; "
+            f"{info['tokens_left']} tokens remain after the last layer (--strict makes this an error)")

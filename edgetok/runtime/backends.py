@@ -311,7 +311,9 @@ class Torch(Backend):
         return TorchRunner(module, spec, [o.name for o in art.outputs()], device)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Trt(), OrtCuda(), OrtCpu(), Torch())}
+from .openvino import OPENVINO_BACKENDS  # noqa: E402  (after Backend/Runner: openvino.py subclasses them)
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Trt(), OrtCuda(), OrtCpu(), Torch(), *OPENVINO_BACKENDS)}
 PREFERENCE = ("trt", "ort-cuda", "ort-cpu")  # best first; torch only when asked
 
 

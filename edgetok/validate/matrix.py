@@ -9,17 +9,22 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import MissingDependencyError
+from ..errors import EdgetokError, MissingDependencyError
 from ..patch import adapter_for
 from ..patch.api import flops
 from .timing import interleaved, summary
+
+
+MATRIX_BACKENDS = ("torch-cpu", "ort-cpu", "torch-cuda", "ort-cuda", "openvino", "openvino-bf16")
 
 
 def backends_here() -> list[str]:
     import onnxruntime as ort
     import torch
 
-    found = ["torch-cpu", "ort-cpu"]
+    from ..runtime.openvino import openvino_missing
+
+    found = ["torch-cpu", "ort-cpu"] + ([] if openvino_missing() else ["openvino"])
     if torch.cuda.is_available():
         found.append("torch-cuda")
         if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -31,6 +36,9 @@ def timed_fns(models: dict, x, backend: str) -> dict:
     """name -> zero-argument callable running that model on x on ``backend``."""
     import numpy as np
 
+    if backend not in MATRIX_BACKENDS:
+        raise EdgetokError(f"unknown bench backend {backend!r}; choose from {', '.join(MATRIX_BACKENDS)}")
+
     if backend.startswith("torch"):
         dev = "cuda" if backend == "torch-cuda" else "cpu"
         xd = x.to(dev)
@@ -38,6 +46,8 @@ def timed_fns(models: dict, x, backend: str) -> dict:
     from ..export.exporter import export_onnx
     from ..runtime.backends import ort_session
 
+    if backend.startswith("openvino"):
+        return _openvino_fns(models, x, backend)
     providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     fns, feed = {}, x.numpy().astype(np.float32)
     for name, m in models.items():
@@ -45,6 +55,27 @@ def timed_fns(models: dict, x, backend: str) -> dict:
         sess = ort_session(proto, providers, interleaved=True)
         inp = sess.get_inputs()[0].name
         fns[name] = lambda s=sess, i=inp: s.run(None, {i: feed})
+    return fns
+
+
+def _openvino_fns(models: dict, x, backend: str) -> dict:
+    """Each model exported (edgetok nodes with bodies), inlined and compiled by OpenVINO at the
+    precision the backend name says (openvino: float32, openvino-bf16: bfloat16; runtime/openvino.py)."""
+    import numpy as np
+
+    from ..export.exporter import export_onnx
+    from ..runtime.backends import get_backend
+    from ..runtime.openvino import compile_openvino
+
+    impl = get_backend(backend)
+    reason = impl.unavailable()
+    if reason:
+        raise MissingDependencyError(f"backend {backend}: {reason}")
+    fns, feed = {}, x.numpy().astype(np.float32)
+    for name, m in models.items():
+        compiled = compile_openvino(export_onnx(m, adapter_for(m).info(m).input_shape), impl.precision)
+        request, inp = compiled.create_infer_request(), compiled.inputs[0].get_any_name()
+        fns[name] = lambda r=request, i=inp: r.infer({i: feed})
     return fns
 
 
