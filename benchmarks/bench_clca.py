@@ -35,7 +35,6 @@ import copy
 import json
 import os
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -159,7 +158,8 @@ def main(argv=None):
     from edgetok.commands.finetune import Recipe, evaluate, finetune, line_progress
     from edgetok.export.exporter import export_model
     from edgetok.runtime.backends import share_ort_threads
-    from edgetok.validate.timing import machine_facts
+    from edgetok.runtime.artifacts import write_json
+    from edgetok.validate.timing import Stopwatch, machine_facts
 
     out = Path(a.output or Path(__file__).parent / "results" / "clca.json")
     work = Path(a.workdir or Path(tempfile.gettempdir()) / f"edgetok-{out.stem}{'-tiny' if a.tiny else ''}-work")
@@ -188,17 +188,15 @@ def main(argv=None):
         elif tuned:  # finished earlier: the final checkpoint holds the weights
             reduced.load_state_dict(torch.load(work / f"{slug}.pt", weights_only=False)["model"])
         if row is None:
-            t0 = time.perf_counter()
+            clock = Stopwatch()
             top1 = evaluate(reduced, xe, ye)
             ratio, tokens = flops_ratio(model, reduced, method)
             row = {"method": method, "params": params, "fine_tuned": tuned, "keep_rate": kr, "top1": top1,
-                   "flops_ratio": ratio, "tokens": tokens, "eval_seconds": time.perf_counter() - t0,
+                   "flops_ratio": ratio, "tokens": tokens, "eval_seconds": clock.ms / 1e3,
                    "train_seconds": None if res is None else res["seconds"],
                    "final_loss": None if res is None else res["history"][-1][1]}
             done[label] = row
-            tmp = done_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            os.replace(tmp, done_path)
+            write_json(done_path, done, sort_keys=False)
         print(f"   top-1 {row['top1']:.4f}  FLOPs ratio {row['flops_ratio']:.2f}x  tokens {row['tokens']}", flush=True)
         rows[label] = dict(row)
         # one graph per architecture: a fine-tuned variant has its untuned twin's cost (the CLCA graphs are
@@ -248,10 +246,7 @@ def main(argv=None):
                    "order": "interleaved with the unreduced export in every round"},
         "rows": rows, "goal": goal,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result, sort_keys=False)
     print(f"wrote {out}")
     if goal:
         print(f"goal at keep {GOAL_KEEP}: CLCA loss {goal['clca_loss']:.4f} vs target {goal['target_loss']:.4f} "

@@ -335,6 +335,7 @@ def test_head_only_finetuning_leaves_the_backbone(tmp_path):
 
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     from edgetok.commands import finetune as ft
+    from edgetok.runtime import artifacts
 
     path = tmp_path / "ckpt.pt"
     ft.save_atomic({"step": 1}, path)
@@ -342,7 +343,7 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ft.os, "replace", fail)
+    monkeypatch.setattr(artifacts.os, "replace", fail)  # save_atomic writes through write_atomic
     with pytest.raises(OSError, match="disk full"):
         ft.save_atomic({"step": 2}, path)
     assert torch.load(path)["step"] == 1  # the old checkpoint, whole
@@ -396,17 +397,16 @@ def test_finetune_cli(tmp_path):
                                                    "cifar10-vit"))), reason="../shared/data/cifar10-vit is not here")
 def test_benchmark_runs_in_tiny_mode(tmp_path):
     """benchmarks/bench_clca.py end to end on 32 + 32 real images, 2 steps (keeps the script working)."""
-    import runpy
+    import subprocess
     import sys
 
+    # a subprocess: the script gives ONNX Runtime one process-wide thread pool, which would
+    # refuse the per-session pools of every later test in this process
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_clca.py")
-    argv = sys.argv
-    sys.argv = [path, "--tiny", "--output", str(tmp_path / "clca.json"), "--workdir", str(tmp_path / "work"),
-                "--threads", "1"]
-    try:
-        runpy.run_path(path, run_name="__main__")
-    finally:
-        sys.argv = argv
+    out = subprocess.run([sys.executable, path, "--tiny", "--output", str(tmp_path / "clca.json"),
+                          "--workdir", str(tmp_path / "work"), "--threads", "1"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "clca.json").read_text())
     rows = result["rows"]
     assert set(rows) == {"unreduced", "unreduced + FT", "drop 0.25", "drop 0.25 + FT", "drop 0.25 + CLCA"}

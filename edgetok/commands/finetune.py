@@ -22,13 +22,10 @@ by class).
 """
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import math
-import os
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EdgetokError, InputShapeError
+from ..runtime.artifacts import write_atomic
+from ..validate.timing import Stopwatch
 
 CHECKPOINT_FORMAT = "edgetok-finetune/1"
 
@@ -229,22 +228,10 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
 
 
 def save_atomic(obj, path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path`` (a reader sees the old or the new file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """torch.save ``obj`` to ``path`` atomically (a reader sees the old or the new file)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_atomic(path, buf.getvalue())
 
 
 def _optimizer(model: nn.Module, recipe: Recipe):
@@ -261,6 +248,23 @@ def _optimizer(model: nn.Module, recipe: Recipe):
     return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
 
 
+def _resume(path: Optional[Path], model: nn.Module, opt, recipe: Recipe):
+    """(step, loss history, resumed-from step) of the checkpoint at ``path``, loaded into
+    ``model`` and ``opt``; (0, [], None) where there is none yet."""
+    if path is None or not path.exists():
+        return 0, [], None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise EdgetokError(f"{path} is not an edgetok fine-tuning checkpoint; remove it or pass --no-resume")
+    if state["recipe"] != asdict(recipe):
+        diff = sorted(k for k in asdict(recipe) if state["recipe"].get(k) != asdict(recipe)[k])
+        raise EdgetokError(f"{path} was written with another recipe ({', '.join(diff)} differ); "
+                           "use the same options, another --checkpoint, or --no-resume")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"]), int(state["step"])
+
+
 def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe = Recipe(),
              checkpoint=None, every: int = 50, resume: bool = True, meta: Optional[dict] = None,
              progress: Optional[Callable[[dict], None]] = None) -> dict:
@@ -275,19 +279,8 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe 
     check_data(model, x, y)
     register_gradients()
     opt = _optimizer(model, recipe)
-    start, history, resumed = 0, [], None
     path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists() and resume:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise EdgetokError(f"{path} is not an edgetok fine-tuning checkpoint; remove it or pass --no-resume")
-        if state["recipe"] != asdict(recipe):
-            diff = sorted(k for k in asdict(recipe) if state["recipe"].get(k) != asdict(recipe)[k])
-            raise EdgetokError(f"{path} was written with another recipe ({', '.join(diff)} differ); "
-                               "use the same options, another --checkpoint, or --no-resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history, resumed = int(state["step"]), list(state["history"]), int(state["step"])
+    start, history, resumed = _resume(path, model, opt, recipe) if resume else (0, [], None)
 
     def save(step: int) -> None:
         if path is not None:
@@ -295,7 +288,7 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe 
                          "optimizer": opt.state_dict(), "recipe": asdict(recipe), "history": history,
                          "meta": meta or {}}, path)
 
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     model.train()
     for step in range(start, recipe.steps):
         gen = torch.Generator().manual_seed(recipe.seed * 7_919 + step)
@@ -317,11 +310,11 @@ def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe 
             save(step + 1)
         if progress is not None:
             progress({"step": step + 1, "steps": recipe.steps, "loss": history[-1][1],
-                      "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+                      "lr": opt.param_groups[0]["lr"], "seconds": clock.ms / 1e3})
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"steps": recipe.steps, "history": history, "seconds": time.perf_counter() - t0, "resumed_from": resumed}
+    return {"steps": recipe.steps, "history": history, "seconds": clock.ms / 1e3, "resumed_from": resumed}
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:

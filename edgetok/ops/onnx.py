@@ -1,6 +1,6 @@
 """ONNX form of the edgetok ops: one custom-domain node each, plus a function body.
 
-For the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) every
+For the dynamo exporter (``torch.onnx.export with dynamo=True``) every
 ``torch.ops.edgetok.*`` call is translated to one node of domain ``edgetok``
 (op types TokenMerge, TokenDrop, ThresholdMerge, DiffDrop) that carries
 ``plugin_namespace="edgetok"`` and ``plugin_version="1"`` — the attributes the
@@ -393,7 +393,7 @@ def _scoped_names(proto: onnx.FunctionProto) -> onnx.FunctionProto:
 
 
 def custom_translation_table() -> dict:
-    """torch op -> onnxscript translation, for torch.onnx.export(custom_translation_table=...)."""
+    """torch op -> onnxscript translation, for the custom_translation_table of torch.onnx.export."""
     return {o.torch_op: o.translation() for o in OPS.values()}
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import EdgetokError, ScheduleError
 from ..reduce import clca as _clca
-from ..reduce.registry import Plan, get_method
+from ..reduce.registry import Plan, get_method, register_method
 from .base import Adapter, block_forward
 
 
@@ -208,10 +208,16 @@ def _base_model(model: nn.Module, base: Optional[str], params: dict) -> nn.Modul
     return edgetok.apply(model, base, **params)
 
 
+@register_method("clca", "CLCA cross-layer cache + aggregation head on top of any ViT reduction (base=drop, tome, ...)",
+                 kind="model")
 def attach(model: nn.Module, base: Optional[str] = None, keep_rate=None, r=None, layers=None,
            base_params: Optional[dict] = None, carriers: int = 1, gap: bool = False, recover_at=None,
            width: int = 2, keep_classifier: bool = False, seed: int = 0) -> nn.Module:
-    """A CLCA copy of ``model`` (see edgetok/reduce/clca.py for the parameters)."""
+    """A CLCA copy of ``model``: reduced by ``base`` (with ``keep_rate``/``r``/``layers``
+    and ``base_params``), or by the method already applied to ``model`` when ``base``
+    is None. ``carriers``/``gap``: what the cache keeps per layer; ``recover_at``: blocks
+    after which it is recovered (default: the reduction blocks); ``width``: filters per
+    channel in the CLA head; ``seed``: initialisation of the new parameters."""
     from . import adapter_for
 
     params = dict(base_params or {})

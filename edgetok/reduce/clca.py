@@ -80,7 +80,6 @@ from torch import nn
 
 from ..errors import ScheduleError
 from .base import AttentionContext, Reducer
-from .registry import register_method
 
 EPS = 1e-6
 
@@ -288,21 +287,3 @@ def count_flops(info, sched: Schedule, steps: Sequence[Optional[Reducer]], head:
     if head is not None:
         report.notes.append(f"CLA head: {head.flops()} FLOPs (not in the total; heads are left out)")
     return report
-
-
-@register_method("clca", "CLCA cross-layer cache + aggregation head on top of any ViT reduction (base=drop, tome, ...)",
-                 kind="model")
-def build_clca(model: nn.Module, base: Optional[str] = None, keep_rate=None, r=None, layers=None,
-               base_params: Optional[dict] = None, carriers: int = 1, gap: bool = False,
-               recover_at: Optional[Sequence[int]] = None, width: int = 2, keep_classifier: bool = False,
-               seed: int = 0) -> nn.Module:
-    """A CLCA copy of ``model``: reduced by ``base`` (with ``keep_rate``/``r``/``layers``
-    and ``base_params``), or by the method already applied to ``model`` when ``base``
-    is None. ``carriers``/``gap``: what the cache keeps per layer; ``recover_at``: blocks
-    after which it is recovered (default: the reduction blocks); ``width``: filters per
-    channel in the CLA head; ``seed``: initialisation of the new parameters."""
-    from ..patch import clca as _patch
-
-    return _patch.attach(model, base=base, keep_rate=keep_rate, r=r, layers=layers, base_params=base_params,
-                         carriers=carriers, gap=gap, recover_at=recover_at, width=width,
-                         keep_classifier=keep_classifier, seed=seed)
