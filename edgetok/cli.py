@@ -20,6 +20,7 @@ COMMANDS = {
     "stream": "edgetok.commands.stream:stream",
     "serve": "edgetok.commands.serve:serve",
     "finetune": "edgetok.commands.finetune:finetune_cmd",
+    "methods": "edgetok.commands.methods:methods",
 }
 
 
@@ -36,26 +37,59 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgetok")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+def cli(debug):
     """edgetok: token reduction that pays off on real deployments."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every cleanup (a staged export) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
-    """Console entry: EdgetokError and other expected failures become one line and exit 1."""
+    """Console entry: every failure is one line on stderr and a non-zero exit (``--debug``:
+    the traceback); outputs being written are cleaned up on Ctrl-C and SIGTERM too."""
+    import signal
+    import threading
+
     from .errors import EdgetokError
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args[: next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        rv = cli.main(args=argv, standalone_mode=False)
+        rv = cli.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 1
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except (EdgetokError, FileNotFoundError, PermissionError) as e:
-        click.echo(f"error: {e}", err=True)
+    except (KeyboardInterrupt, Terminated):
+        click.echo("interrupted: nothing was left half-written", err=True)
+        return 130
+    except (EdgetokError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if debug:
+            raise
+        click.echo(f"error: {_one_line(e)}", err=True)
+        return 1
+    except Exception as e:  # not an input edgetok checks: still one line, with the way to see more
+        if debug:
+            raise
+        click.echo(f"error: {type(e).__name__}: {_one_line(e)} (run `edgetok --debug ...` for the traceback)",
+                   err=True)
         return 1
     return rv if isinstance(rv, int) else 0
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return "; ".join(lines[:3])[:500] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -39,6 +39,6 @@ def write_manifest(directory, **fields):
                 adaptive=False, opset=17, edgetok_opset=None, target="portable", edgetok_ops=[], function_bodies=[],
                 plugin_ops=[], input=spec(inputs[0]), inputs=[spec(t) for t in inputs],
                 outputs=[spec(t) for t in outputs], tokens=None, flops=None, preprocessing=None, schedule=None,
-                stream=None, batch_profile=None, config=None, parity=None, seed=None,
+                stream=None, batch_profile=None, config=None, parity=None, precision={"precision": "fp32"}, seed=None,
                 sha256=hashlib.sha256((d / "model.onnx").read_bytes()).hexdigest(), versions={})
     Manifest(**(base | fields)).write(d)

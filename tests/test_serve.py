@@ -260,7 +260,7 @@ def test_starts_and_serves_on_a_saturated_cpu(export_dir, session, tmp_path):
                 raise AssertionError(f"{e}\n{log_path.read_text()[-3000:]}") from None
             ready_s = time.monotonic() - t0
             rng = np.random.default_rng(4)
-            xs = [rng.standard_normal((1 + i % 3, 3, 32, 32)).astype(np.float32) for i in range(12)]
+            xs = [rng.standard_normal((1 + i % 3, 3, 32, 32)).astype(np.float32) for i in range(8)]
             got = [None] * len(xs)
 
             def worker(k):

@@ -101,8 +101,14 @@ def _variant_model(base, method, params, backend, batch, repeats, cache):
     return edgetok.apply(base, inner, r=choice.r), choice.to_dict()
 
 
-def _list(text: str, cast=str) -> list:
-    return [cast(v) for v in text.split(",") if v.strip()]
+def _list(text: str, cast=str, what: str = "") -> list:
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma list of {cast.__name__}s", param_hint=what) from None
+    if cast is int and any(v < 1 for v in values):
+        raise click.BadParameter(f"{text!r}: batch sizes must be >= 1", param_hint=what)
+    return values
 
 
 @click.command()
@@ -114,7 +120,7 @@ def _list(text: str, cast=str) -> list:
 @click.option("--backends", "--backend", "backends", default="",
               help="Comma list of torch-cpu, ort-cpu, torch-cuda, ort-cuda, openvino, openvino-bf16 (default: all "
                    "present; openvino-bf16 only when named).")
-@click.option("--repeats", default=10, show_default=True, help="Interleaved timing rounds.")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Interleaved timing rounds.")
 @click.option("--fidelity-images", default=0, show_default=True,
               help="Also measure fidelity on this many shipped-photo views (0: off).")
 @click.option("--json-out", default="benchmarks/results/bench_matrix.json", show_default=True, type=click.Path(dir_okay=False))
@@ -133,7 +139,7 @@ def bench(models, variants, batches, backends, repeats, fidelity_images, json_ou
     from ..validate.timing import machine_facts
 
     console = Console()
-    models_l, batches_l = _list(models), _list(batches, int)
+    models_l, batches_l = _list(models), _list(batches, int, "--batches")
     backends_l = _list(backends) or backends_here()
     variants = variants or DEFAULT_VARIANTS
     for v in variants:

@@ -29,7 +29,8 @@ def _dtd_threshold(value) -> float:
 @click.command(context_settings={"max_content_width": 110})
 @click.option("--model", "model_name", metavar="NAME",
               help="timm name (vit_small_patch16_224), tv:NAME for torchvision, hf:ModelClass[:JSON] for "
-                   "transformers. Random weights unless --weights is given.")
+                   "transformers, or a Hugging Face save_pretrained folder (its weights and preprocessing). "
+                   "Seeded random weights unless --weights or a folder gives them.")
 @click.option("--module", metavar="PKG.MOD:FACTORY",
               help="Your own model: FACTORY(**model_args) returns an nn.Module (instead of --model).")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
@@ -40,7 +41,7 @@ def _dtd_threshold(value) -> float:
               help="Seed of the model's random initial weights (ignored with --weights): the same model and seed "
                    "give the same network, so a reduced export and its unreduced baseline compare.")
 @click.option("--method", default="tome", show_default=True, metavar="NAME",
-              help="Reduction method (see `edgetok methods`), or 'none' to export the unreduced model.")
+              help="Reduction method (`edgetok methods` lists them), or 'none' to export the unreduced model.")
 @click.option("--r", "r", metavar="SCHEDULE",
               help="Tokens merged/dropped per layer: '8', one per layer '8,8,4,0', or 'linear:16:0'.")
 @click.option("--keep-rate", type=float, help="drop: fraction of tokens kept at each drop layer (EViT: 0.7).")
@@ -78,11 +79,19 @@ def _dtd_threshold(value) -> float:
               help="Max abs difference allowed between ONNX Runtime CPU and torch.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime parity check.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), metavar="DIR",
-              help="Directory for model.onnx and manifest.json (written atomically; a previous export there "
-                   "is replaced).")
+              help="Directory for model.onnx and manifest.json (written atomically; a previous export's two files "
+                   "there are replaced, every other file stays).")
+@click.option("--force", is_flag=True, help="Write into a non-empty directory that holds no edgetok export.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Graph precision (default: the config's where the export carries it, else fp32): fp16 keeps "
+                   "the reduction ops in float32; int8 is Q/DQ static quantization of the linear layers "
+                   "(needs --calibration). See docs/precision.md.")
+@click.option("--calibration", type=click.Path(exists=True), metavar="DIR|NPZ",
+              help="int8: calibration images (a folder of images or an .npz), preprocessed as the model's own "
+                   "preprocessing; a fifth is held out to check the int8 graph against float32.")
 def export(model_name, module, model_args, weights, seed, method, r, keep_rate, layers, fuse_dropped, threshold, schedule,
            min_speedup, budget_ms, cost_cache, params, config, target, opset, batch, input_size, tolerance, no_parity,
-           output):
+           output, force, precision, calibration):
     """Export a (token-reduced) vision transformer to ONNX with one edgetok node per reduction step.
 
     \b
@@ -91,11 +100,13 @@ def export(model_name, module, model_args, weights, seed, method, r, keep_rate, 
     edgetok export --model hf:ViTForImageClassification --method dymu --threshold 0.9 -o out/hf
     edgetok export --model vit_small_patch16_224 --schedule auto --target cpu-ort --min-speedup 1.3 -o out/auto
     edgetok export --model vit_small_patch16_224 --method dtd --threshold 0.1 -o out/dtd-step
+    edgetok export --model vit_small_patch16_224 --method tome --r 8 --precision int8 --calibration imgs/ -o out/q
     edgetok export --model hf:T5EncoderModel --method mrt5 --param max_keep=128 --input-size 256 -o out/mrt5
     """
     from rich.console import Console
 
     from ..config import load_config
+    from ..patch.models import is_checkpoint_folder
     from ..reduce.registry import get_method
 
     if (model_name is None) == (module is None):
@@ -105,11 +116,17 @@ def export(model_name, module, model_args, weights, seed, method, r, keep_rate, 
         get_method(method)  # unknown method: fail before building the model
     target, config = _target_or_config(target, config)
     cfg = load_config(config) if config else None
+    from ..export.output import check_output
+    from ..export.precision import export_precision
+
+    check_output(output, force)  # before the model is built
+    export_precision(precision, cfg, calibration)  # a precision the target cannot do: refused before the build
     _check_schedule(schedule, r, min_speedup, budget_ms, cfg, method)
     opts = dict(method=method, method_params=method_params, schedule=schedule, min_speedup=min_speedup,
                 budget_ms=budget_ms, cost_cache=cost_cache, target=target, opset=opset, batch=batch,
                 input_size=input_size, tolerance=tolerance, config=cfg, check_parity=not no_parity, output=output,
-                seed=None if weights else seed)
+                seed=None if weights or is_checkpoint_folder(model_name) else seed, force=force,
+                precision=precision, calibration=calibration)
     console = Console(stderr=True)
     with console.status("building the model") as status:
         def step(msg):
@@ -131,12 +148,20 @@ def export(model_name, module, model_args, weights, seed, method, r, keep_rate, 
 def _method_params(method, params, r, keep_rate, threshold, fuse_dropped, layers) -> dict:
     method_params = _key_values(params, "--param")
     for key, value in (("r", r), ("keep_rate", keep_rate), ("threshold", threshold), ("fuse_dropped", fuse_dropped),
-                       ("layers", [int(v) for v in layers.split(",")] if layers else None)):
+                       ("layers", _layers(layers) if layers else None)):
         if value is not None:
             method_params[key] = value
     if method == "dtd" and "threshold" in method_params:
         method_params["threshold"] = _dtd_threshold(method_params["threshold"])
     return method_params
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma list of block indices (e.g. 3,6,9)",
+                                 param_hint="--layers") from None
 
 
 def _target_or_config(target, config):
@@ -196,22 +221,24 @@ def _export_family(model, name: str, family, o: dict, step):
     size = [int(v) for v in o["input_size"].split(",")] if o["input_size"] else None
     return export_family(reduced, o["output"], family, input_size=size, target=o["target"], opset=o["opset"],
                          batch=o["batch"], tolerance=o["tolerance"], model_name=name, config=o["config"],
-                         check_parity=o["check_parity"], progress=step, seed=o["seed"])
+                         check_parity=o["check_parity"], progress=step, seed=o["seed"], force=o["force"],
+                         precision=o["precision"], calibration=o["calibration"])
 
 
 def _export_image(model, name: str, o: dict, step):
     from .. import apply
     from ..export import export_model
     from ..patch import adapter_for
-    from ..patch.models import preprocessing
+    from ..patch.data_config import data_config
 
     if o["input_size"]:
         raise click.UsageError("--input-size is for models without an image size of their own (DETR, T5); "
                                "build an image ViT for another size with --model-arg img_size=...")
     shape = adapter_for(model).info(model).input_shape
     common = dict(target=o["target"], opset=o["opset"], batch=o["batch"], tolerance=o["tolerance"], model_name=name,
-                  preprocessing=preprocessing(model, name, shape[-2:]), config=o["config"],
-                  check_parity=o["check_parity"], progress=step, seed=o["seed"])
+                  preprocessing=data_config(model, name, shape[-2:]), config=o["config"],
+                  check_parity=o["check_parity"], progress=step, seed=o["seed"], force=o["force"],
+                  precision=o["precision"], calibration=o["calibration"])
     method, params, auto = o["method"], o["method_params"], None
     if o["schedule"] == "auto":
         from ..tune.export import choose
@@ -252,4 +279,14 @@ def _report(console, result) -> int:
     if m["parity"]:
         errs = ", ".join(f"bs{b}: {e:.2g}" for b, e in m["parity"]["max_abs_err"].items())
         console.print(f"ONNX Runtime CPU parity ({m['parity']['checked_on']}): max abs err {errs}")
+    _report_precision(console, m["precision"])
     return 0
+
+
+def _report_precision(console, rec: dict) -> None:
+    if rec["precision"] != "fp32":
+        for p in rec["parity"]:
+            console.print(f"{rec['precision']} vs float32 ({p['inputs']}, {p['samples']} samples): max rel err "
+                          f"{p['max_rel_err']:.3g}, cosine min {p['cosine_min']:.4f}")
+    if rec.get("note"):
+        console.print(f"precision: {rec['note']}")

@@ -8,14 +8,14 @@ import click
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch", "openvino", "openvino-bf16"]),
               help="default: best available (openvino: float32; openvino-bf16 only when asked, docs/openvino.md)")
-@click.option("--budget-ms", type=float, help="p99 latency budget; exit code 1 when missed")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--runs", type=int, default=50, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), help="p99 latency budget; exit code 1 when missed")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--baseline", type=click.Path(exists=True), help="the unreduced export, measured in the same run")
 @click.option("--torch-model", type=click.Path(exists=True), help="torch model (.pt2 / pickled .pt) for parity")
 @click.option("--atol", type=float, default=1e-4, show_default=True)
-@click.option("--report", "report_path", type=click.Path(), help="write the JSON report here")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the JSON report here")
 def validate(path, backend, budget_ms, batch, runs, warmup, baseline, torch_model, atol, report_path):
     """Measure PATH's latency (p50/p90/p99, throughput) on one backend."""
     from pathlib import Path

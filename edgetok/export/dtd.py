@@ -118,23 +118,28 @@ def export_dtd_step(model: nn.Module, output_dir, *, threshold: Optional[float] 
                     target: Optional[str] = None, opset: Optional[int] = None, batch: Optional[int] = None,
                     config=None, tolerance: float = TOLERANCE, check_parity: bool = True,
                     model_name: Optional[str] = None, preprocessing: Optional[dict] = None,
-                    progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
+                    progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None,
+                    force: bool = False, precision: Optional[str] = None, calibration=None) -> ExportResult:
     """Export one streaming DTD step of ``model`` (an encoder any edgetok adapter knows,
     or a DTDStream) to ``output_dir``/model.onnx + manifest.json, checked frame by
     frame against DTDStream (see the module docstring for the graph's contract).
-    ``batch`` None gives a dynamic batch axis (named "batch"); an int fixes it."""
+    ``batch`` None gives a dynamic batch axis (named "batch"); an int fixes it.
+    ``precision``: fp32 or fp16 (int8 calibration feeds images only; the step also reads its state)."""
     target, opset = resolve_target(target, opset, config)
     refuse_adaptive(config, "dtd")
+    if (precision or (config.precision if config is not None else None)) == "int8":
+        raise ExportError("a DTD streaming step cannot be calibrated for int8 (its calibration would need the "
+                          "previous frame's tokens as well as images); export it with --precision fp16 or fp32")
     stream = _stream(model, threshold).eval()
     job = _dtd_job(stream, batch, tolerance, check_parity, model_name, preprocessing)
-    return run_export(job, output_dir, target, opset, config, progress, seed)
+    return run_export(job, output_dir, target, opset, config, progress, seed, force, precision, calibration)
 
 
 def _dtd_job(stream, batch: Optional[int], tolerance: float, check_parity: bool, model_name: Optional[str],
              preprocessing: Optional[dict]) -> ExportJob:
     from ..patch import adapter_for
     from ..patch.api import flops as _flops_of
-    from ..patch.models import preprocessing as _pre
+    from ..patch.data_config import data_config as _pre
 
     dtd = DTDStep(stream).eval()
     info = adapter_for(stream.encoder).info(stream.encoder)

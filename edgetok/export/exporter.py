@@ -28,6 +28,7 @@ from .output import staged
 if TYPE_CHECKING:
     from ..runtime.manifest import Manifest
 from .opset import EXPORTER_MIN_OPSET, downgrade
+from .precision import apply_precision, export_precision
 from .targets import DOMAIN, TARGETS, apply_target
 
 INPUT_NAME = "pixel_values"
@@ -189,12 +190,23 @@ def ort_parity(path: Path, batches: Sequence[int], feeds_for: Callable[[int, tor
         if not err <= tolerance:
             raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} at batch {b} "
                               f"(tolerance {tolerance:g})")
+        _refuse_constant(ref, b)
     return {"batches": list(batches), "max_abs_err": errors, "tolerance": tolerance}
 
 
-def parity(path: Path, model: nn.Module, input_shape: Sequence[int], batches: Sequence[int],
+def _refuse_constant(outputs: list, batch: int) -> None:
+    """Outputs that do not depend on the input (a zero-initialised head) match anything: no proof."""
+    floats = [o for o in outputs if o.size and np.issubdtype(o.dtype, np.floating)]
+    if floats and all(float(np.ptp(o)) == 0.0 for o in floats):
+        raise ExportError(f"every output of the model is constant over random inputs (batch {batch}), so ONNX "
+                          "Runtime matching it proves nothing; give the model real weights (--weights) or "
+                          "export a model whose outputs depend on the image")
+
+
+def parity(path: Path, model: Callable, input_shape: Sequence[int], batches: Sequence[int],
            tolerance: float = TOLERANCE, seed: int = 0) -> dict:
-    """ORT vs torch for an image model with the one input ``pixel_values``."""
+    """ORT vs torch for an image model (or the function exported for it) with the one input
+    ``pixel_values``: every output compared, the features included."""
     def reference(feeds):
         out = model(feeds[INPUT_NAME])
         return [t.numpy() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -293,6 +305,28 @@ def resolve_target(target: Optional[str], opset: Optional[int], config) -> tuple
     return target, opset
 
 
+def in_precision(proto, precision: str, calibration, config, job: "ExportJob", tmp: Path,
+                 check_fn: Optional[Callable[[Path], dict]], what: str, step: Callable[[str], None]):
+    """The full-form float32 ``proto`` written in ``precision`` -> (proto, manifest record, parity).
+    fp16/int8: the float32 graph is checked against torch first (the parity a lower precision cannot
+    give at 1e-4), then converted; its own parity against the float32 graph is in the record."""
+    import onnx
+
+    if precision == "fp32":
+        return proto, {"precision": "fp32", "io_dtype": "float32", "compute_dtype": "float32"}, None
+    parity_result = None
+    if check_fn is not None:
+        fp32 = tmp / "fp32.onnx"
+        onnx.save(proto, str(fp32))
+        step(f"{what} (float32, before the {precision} conversion)")
+        parity_result = check_fn(fp32) | {"checked_on": "float32 full form"}
+        fp32.unlink()
+    step(f"converting to {precision}" + (f" (calibrating on {calibration})" if precision == "int8" else ""))
+    proto, record = apply_precision(proto, precision, calibration, target=config,
+                                    preprocessing=job.fields.get("preprocessing"))
+    return proto, record, parity_result
+
+
 # -- one pipeline for every kind of export -------------------------------------------------
 @dataclass
 class ExportJob:
@@ -323,28 +357,37 @@ class _Traced(nn.Module):
 
 
 def run_export(job: ExportJob, output_dir, target: str, opset: int, config=None,
-               progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
+               progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None,
+               force: bool = False, precision: Optional[str] = None, calibration=None) -> ExportResult:
     """Trace, rewrite for ``target``, check (ONNX checker, ONNX Runtime parity) and write
     model.onnx + manifest.json into ``output_dir``, atomically. ``seed``: of the model's random
-    initial weights, recorded in the manifest (None: a checkpoint's or the caller's weights)."""
+    initial weights, recorded in the manifest (None: a checkpoint's or the caller's weights).
+    ``force``: write into a non-empty directory that holds no edgetok export (its files stay).
+    ``precision`` (fp32, fp16, int8; default: the config's, see export_precision) with
+    ``calibration`` images for int8 (edgetok/export/precision.py)."""
     from ..runtime.manifest import MANIFEST_VERSION, Manifest
 
     step = progress or (lambda _msg: None)
     output_dir = Path(output_dir)
+    precision, note = export_precision(precision, config, calibration)
     names = list(job.example)
     dynamic = {"inputs": tuple({0: batch_dim()} for _ in names)} if job.dynamic_batch else None
-    with staged(output_dir) as tmp:
+    with staged(output_dir, force) as tmp:
         step(f"tracing with torch.export (opset {opset})")
         with _export_mode(job.modules):
             proto = trace(_Traced(job.fn, job.modules).eval(), tuple(job.example.values()), names, opset,
                           job.outputs, dynamic)
         check_fn = None if job.parity is None else (lambda path: job.parity(path, job.batches))
-        proto, onnx_path, parity_result = write_checked(proto, tmp, target, opset, check_fn, step,
-                                                        f"{job.parity_what}, batch {job.batches}")
+        what = f"{job.parity_what}, batch {job.batches}"
+        proto, record, parity_result = in_precision(proto, precision, calibration, config, job, tmp, check_fn,
+                                                    what, step)
+        record = record | ({"note": note} if note else {})
+        proto, onnx_path, checked = write_checked(proto, tmp, target, opset, check_fn if precision == "fp32" else None,
+                                                  step, what)
         manifest = Manifest(manifest_version=MANIFEST_VERSION, opset=opset, target=target,
                             batch_profile=batch_profile(config), config=None if config is None else config.name,
-                            parity=parity_result, seed=seed, versions=versions(), **job.fields,
-                            **graph_fields(proto, onnx_path, target))
+                            parity=checked or parity_result, precision=record, seed=seed, versions=versions(),
+                            **job.fields, **graph_fields(proto, onnx_path, target))
         manifest.write(tmp)
         step(f"writing {output_dir}")
     return ExportResult(output_dir, output_dir / "model.onnx", output_dir / "manifest.json", manifest)
@@ -377,7 +420,7 @@ def image_job(model: nn.Module, input_shape: Optional[Sequence[int]], batch: Opt
               model_name: Optional[str], preprocessing: Optional[dict], schedule: Optional[dict]) -> ExportJob:
     from ..patch import adapter_for
     from ..patch.api import flops as _flops_of
-    from ..patch.models import preprocessing as _pre
+    from ..patch.data_config import data_config as _pre
     from ..reduce import flops as _flops
 
     model = model.eval()
@@ -391,6 +434,9 @@ def image_job(model: nn.Module, input_shape: Optional[Sequence[int]], batch: Opt
     example = torch.randn(batch or 2, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         outputs = _output_names(model(example))
+    fn = model
+    if info is not None and len(outputs) == 1:  # a classifier: its features are an output too, so parity
+        fn, outputs = _with_features(model, info), outputs + ["features"]  # compares them (a head may be 0)
     report = _flops_of(model, shape) if info is not None else None
     baseline = _flops.count(info, [None] * info.depth) if info is not None else None
     fields = reduction_fields(model) | {
@@ -406,9 +452,37 @@ def image_job(model: nn.Module, input_shape: Optional[Sequence[int]], batch: Opt
     if schedule is not None:
         fields["schedule"] = schedule
     batches = list(parity_batches or ([batch] if batch else [1, 4]))
-    return ExportJob(model, {INPUT_NAME: example}, outputs, batch is None,
-                     (lambda path, bs: parity(path, model, shape, bs, tolerance)) if check_parity else None,
+    return ExportJob(fn, {INPUT_NAME: example}, outputs, batch is None,
+                     (lambda path, bs: parity(path, fn, shape, bs, tolerance)) if check_parity else None,
                      batches, "ONNX Runtime CPU parity", fields, model)
+
+
+def _with_features(model: nn.Module, info) -> Callable:
+    """x -> (the model's output, the tokens its last block hands on): features next to the logits.
+    A reduced model runs its own forward's steps (embed, blocks, finish); a plain one its library
+    forward, with the last block's output taken by a hook."""
+    from ..patch import adapter_for
+    from ..patch.base import run_blocks
+
+    adapter = adapter_for(model)
+    if getattr(model, "edgetok_plan", None) is not None:
+        def run(x):
+            tokens, size = run_blocks(adapter, model, adapter.embed(model, x))
+            return adapter.finish(model, tokens, size), tokens
+
+        return run
+    last = adapter.blocks(model)[-1]
+
+    def run_plain(x):
+        captured = []
+        hook = last.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            out = model(x)
+        finally:
+            hook.remove()
+        return out, captured[-1]
+
+    return run_plain
 
 
 def export_model(model: nn.Module, output_dir, *, target: Optional[str] = None, opset: Optional[int] = None,
@@ -416,7 +490,8 @@ def export_model(model: nn.Module, output_dir, *, target: Optional[str] = None, 
                  tolerance: float = TOLERANCE, model_name: Optional[str] = None,
                  input_shape: Optional[Sequence[int]] = None, preprocessing: Optional[dict] = None, config=None,
                  check_parity: bool = True, schedule: Optional[dict] = None,
-                 progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
+                 progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None,
+                 force: bool = False, precision: Optional[str] = None, calibration=None) -> ExportResult:
     """Export ``model`` (reduced by edgetok.apply, or plain) to ``output_dir``/model.onnx
     with manifest.json, for ``target`` (see edgetok.export.TARGETS).
 
@@ -427,6 +502,8 @@ def export_model(model: nn.Module, output_dir, *, target: Optional[str] = None, 
     batch profile are used. ``input_shape`` (C, H, W) is needed only for models
     no edgetok adapter knows. ``schedule`` is the manifest's record of how the
     schedule was chosen (default: {"source": "given"} for a reduced model).
+    ``precision`` fp32 | fp16 | int8 (default: the config's, else fp32) with ``calibration``
+    images for int8 (a folder or an .npz; edgetok/export/precision.py).
     """
     target, opset = resolve_target(target, opset, config)
     plan = getattr(model, "edgetok_plan", None)
@@ -434,7 +511,7 @@ def export_model(model: nn.Module, output_dir, *, target: Optional[str] = None, 
         refuse_adaptive(config, plan.method)
     job = image_job(model, input_shape, batch, parity_batches, tolerance, check_parity, model_name, preprocessing,
                     schedule)
-    return run_export(job, output_dir, target, opset, config, progress, seed)
+    return run_export(job, output_dir, target, opset, config, progress, seed, force, precision, calibration)
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
@@ -474,7 +551,8 @@ def export_family(model: nn.Module, output_dir, family=None, *, input_size: Opti
                   target: Optional[str] = None, opset: Optional[int] = None, batch: Optional[int] = None,
                   parity_batches: Optional[Sequence[int]] = None, tolerance: float = TOLERANCE,
                   model_name: Optional[str] = None, config=None, check_parity: bool = True,
-                  progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None) -> ExportResult:
+                  progress: Optional[Callable[[str], None]] = None, seed: Optional[int] = None,
+                  force: bool = False, precision: Optional[str] = None, calibration=None) -> ExportResult:
     """``export_model`` for a family edgetok/export/families.py describes (DETR, T5
     encoder, DiT; reduced by Focus-DETR / MrT5 / FlexDiT or plain): the family's named
     inputs, traced at ``input_size`` (default the family's), dynamic batch unless
@@ -487,4 +565,4 @@ def export_family(model: nn.Module, output_dir, family=None, *, input_size: Opti
     target, opset = resolve_target(target, opset, config)
     job = family_job(model, family, size_for(family, input_size), batch, parity_batches, tolerance, check_parity,
                      model_name)
-    return run_export(job, output_dir, target, opset, config, progress, seed)
+    return run_export(job, output_dir, target, opset, config, progress, seed, force, precision, calibration)

@@ -10,11 +10,13 @@ Spellings ``create_model`` accepts:
   ``hf:ViTModel:{"num_hidden_layers": 2, "image_size": 32}`` (JSON overrides)
   or ``hf:CLIPVisionModel:cfg.json`` (a config file): a Hugging Face
   transformers model built from its config, never downloaded;
-- ``module="pkg.mod:factory"``: the user's own model, ``factory(**model_args)``.
+- ``module="pkg.mod:factory"``: the user's own model, ``factory(**model_args)``;
+- a folder: a Hugging Face ``save_pretrained`` checkpoint (config.json and its
+  safetensors, sharded or not), loaded with its own weights.
 
 ``weights`` loads a local state_dict (.safetensors, or a torch file holding a
-state_dict, possibly under "state_dict"/"model"). ``preprocessing`` reads
-mean/std/size/interpolation from where each library keeps its defaults.
+state_dict, possibly under "state_dict"/"model"). The model's preprocessing is read by
+edgetok/patch/data_config.py.
 """
 from __future__ import annotations
 
@@ -97,10 +99,47 @@ def create_model(name: Optional[str] = None, *, module: Optional[str] = None, we
     return model.eval()
 
 
+def is_checkpoint_folder(name: Optional[str]) -> bool:
+    """Whether ``name`` is a folder (a Hugging Face ``save_pretrained`` checkpoint) rather than a model name."""
+    try:
+        return bool(name) and Path(name).is_dir()
+    except OSError:  # a name no path can have (an inline hf: config longer than the OS allows)
+        return False
+
+
+def _hf_folder(path: Path, args: dict) -> nn.Module:
+    """A Hugging Face ``save_pretrained`` folder: config.json + weights (safetensors, sharded or not)."""
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is a folder without config.json; --model takes a model name or a Hugging Face "
+                         "save_pretrained folder (config.json + model.safetensors)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, **args)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path / 'config.json'}: not a readable Hugging Face config ({_first(e)})") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ModelError(f"{path / 'config.json'} names no model class transformers has (architectures: "
+                         f"{getattr(config, 'architectures', None)}); set \"architectures\" to the class to build")
+    try:
+        return cls.from_pretrained(str(path), config=config, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched weight files
+        raise ModelError(f"{path}: cannot load the {cls.__name__} weights ({_first(e)}); check the folder holds "
+                         "the complete save_pretrained output") from None
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def _build(name: Optional[str], module: Optional[str], args: dict) -> nn.Module:
     try:
         if module is not None:
             model = _module(module, args)
+        elif is_checkpoint_folder(name):
+            model = _hf_folder(Path(name), args)
         elif name.startswith("hf:"):
             model = _hf(name[3:], args)
         elif name.startswith("tv:"):
@@ -132,81 +171,3 @@ def load_weights(model: nn.Module, path) -> None:
     from .weights import load_weights as load_into_model
 
     load_into_model(path, model=model)
-
-
-# ---------------------------------------------------------------------------
-# preprocessing
-# ---------------------------------------------------------------------------
-
-def _timm_pre(model) -> Optional[dict]:
-    cfg = getattr(model, "pretrained_cfg", None)
-    if not isinstance(cfg, dict) or "mean" not in cfg:
-        return None
-    return {
-        "mean": list(cfg["mean"]),
-        "std": list(cfg["std"]),
-        "crop_pct": cfg.get("crop_pct"),
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "source": "timm pretrained_cfg",
-    }
-
-
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def _hf_pre(model) -> Optional[dict]:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        return None
-    import transformers
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
-
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type.replace("_vision_model", ""))
-    names = [names] if isinstance(names, str) else list(names or [])
-    proc_cls = next((getattr(transformers, n) for n in names if n and hasattr(transformers, n)), None)
-    if proc_cls is None:
-        return None
-    try:
-        proc = proc_cls()
-    except Exception:  # some processors need files; fall back to no preprocessing info
-        return None
-    resample = getattr(proc, "resample", None)
-    return {
-        "mean": list(proc.image_mean),
-        "std": list(proc.image_std),
-        "resize": None,
-        "interpolation": _RESAMPLE.get(int(resample), str(resample)) if resample is not None else None,
-        "source": f"transformers {proc_cls.__name__} defaults",
-    }
-
-
-def _tv_pre(model, name: Optional[str]) -> Optional[dict]:
-    if not type(model).__module__.startswith("torchvision.") or not name:
-        return None
-    import torchvision
-
-    try:
-        t = torchvision.models.get_model_weights(name.removeprefix("tv:")).DEFAULT.transforms()
-    except (ValueError, KeyError):
-        return None
-    return {
-        "mean": list(t.mean),
-        "std": list(t.std),
-        "resize": list(t.resize_size)[0],
-        "interpolation": t.interpolation.value,
-        "source": "torchvision weights transforms",
-    }
-
-
-def preprocessing(model: nn.Module, name: Optional[str], input_size) -> Optional[dict]:
-    """Mean/std/size/interpolation for ``model`` (reduced or not), or None when unknown.
-    ``size`` is the model's actual input size [H, W]."""
-    pre = _timm_pre(model) or _hf_pre(model) or _tv_pre(model, name)
-    if pre is None:
-        return None
-    pre["size"] = list(input_size)
-    if pre.get("crop_pct"):  # timm: resize the shorter side to size / crop_pct, then center-crop
-        pre["resize"] = int(input_size[0] / pre["crop_pct"])
-    pre.setdefault("resize", None)
-    return {k: pre[k] for k in ("mean", "std", "size", "resize", "interpolation", "source")}

@@ -304,9 +304,9 @@ class StreamingEncoder(nn.Module):
 def stream_normalization(model: nn.Module) -> dict:
     """{"mean": ..., "std": ...} the model expects (timm / Hugging Face / torchvision
     configs), or {} when unknown: keyword arguments for StreamingEncoder and encode_full."""
-    from .models import preprocessing
+    from .data_config import data_config
 
-    pre = preprocessing(model, None, _adapter(model).info(model).image_size)
+    pre = data_config(model, None, _adapter(model).info(model).image_size)
     return {"mean": pre["mean"], "std": pre["std"]} if pre and pre.get("mean") and pre.get("std") else {}
 
 

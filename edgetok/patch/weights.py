@@ -50,6 +50,17 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise WeightsError(f"weights file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
+    try:
+        return _read(p, suffix)
+    except (WeightsError, MissingDependencyError):
+        raise
+    except Exception as e:  # each format fails with its own exception types (protobuf, safetensors, pickle)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{p}: not a readable {suffix or 'weights'} file ({first}); check the file is complete "
+                           "and of the format its name says") from None
+
+
+def _read(p: Path, suffix: str) -> dict[str, torch.Tensor]:
     if suffix == ".onnx":
         import onnx
 
@@ -145,14 +156,28 @@ def strip_prefix(sd: dict) -> dict:
     return dict(sd)
 
 
-def naming(sd: dict) -> str:
+def _wrapper_candidates(sd: dict):
+    """The state dict as saved, and without one wrapper prefix (DataParallel's ``module.``,
+    torch.compile's ``_orig_mod.``, a trainer's ``model.``)."""
+    yield sd
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            yield {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def naming(sd: dict, own: Optional[dict] = None) -> str:
     if "embeddings.patch_embeddings.projection.weight" in sd:
         return "hf-dinov2"
     if "patch_embed.proj.weight" in sd:
         return "timm"
+    detail = ""
+    if own is not None:
+        missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+        detail = (f"; against the model: {len(missing)} of its weights missing (e.g. {', '.join(missing[:2])}), "
+                  f"{len(unexpected)} names it does not have (e.g. {', '.join(unexpected[:2])})")
     raise WeightsError(
-        "unrecognised weight names (first keys: " + ", ".join(list(sd)[:4]) + "); edgetok reads timm ViT "
-        "state dicts and Hugging Face DINOv2 ones (or ONNX exports of them)"
+        "the weights' names fit neither the model nor a conversion edgetok knows (first keys: "
+        + ", ".join(list(sd)[:3]) + ")" + detail + "; use a checkpoint of this architecture"
     )
 
 
@@ -330,13 +355,26 @@ def load_weights(path: PathLike, arch: str = "timm", img_size: int = 224, heads:
     """Read ``path`` and return a model with its weights: into ``model`` when given
     (names converted to its family), else a timm ViT (``arch="timm"``, built for
     ``img_size``) or an HF Dinov2Model (``arch="hf-dinov2"``)."""
-    sd = strip_prefix(read_state_dict(path))
-    kind = naming(sd)
+    raw = read_state_dict(path)
+    if model is not None:
+        own = model.state_dict()
+        direct = next((c for c in _wrapper_candidates(raw) if set(c) == set(own)), None)
+        if direct is not None:  # the model's own names (HF, torchvision, timm checkpoints of this model)
+            load_into(model, direct)
+            return model.eval()
+    sd = strip_prefix(raw)
+    kind = naming(sd, own=model.state_dict() if model is not None else None)
     if model is not None:
         is_hf = hasattr(model, "embeddings") and hasattr(model, "encoder")
         if is_hf and kind == "hf-dinov2":
             sd = hf_attention_names(sd, legacy=any(".attention.attention." in k for k in model.state_dict()))
-        load_into(model, sd if (kind == "hf-dinov2") == is_hf else _convert(sd, kind))
+        if (kind == "hf-dinov2") != is_hf:
+            try:
+                sd = _convert(sd, kind)
+            except WeightsError as e:  # names that look convertible but are another architecture's
+                raise WeightsError(f"the weights' names fit neither the model nor a conversion edgetok knows ({e}); "
+                                   "use a checkpoint of this architecture") from None
+        load_into(model, sd)
         return model.eval()
     if arch == "timm":
         return build_timm(sd if kind == "timm" else hf_dinov2_to_timm(sd), img_size, heads)

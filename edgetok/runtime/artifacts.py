@@ -104,6 +104,10 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        # mkstemp makes the file private: give it the mode a plain write would (the user's umask)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -128,11 +132,20 @@ def sha256_file(path) -> str:
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool"}
 
 
-def onnx_io(path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Graph inputs (initializers excluded) and outputs of an ONNX file, without loading weights."""
+def load_onnx(path, load_external_data: bool = False):
+    """onnx.load with a one-line error for a file that is not (or no longer) an ONNX model."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:  # protobuf decode errors share no base class with OSError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ArtifactError(f"{path} is not a readable ONNX model ({first}); re-export it") from None
+
+
+def onnx_io(path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Graph inputs (initializers excluded) and outputs of an ONNX file, without loading weights."""
+    model = load_onnx(path)
     inits = {i.name for i in model.graph.initializer}
 
     def spec(v) -> TensorSpec:

@@ -148,6 +148,11 @@ class OrtCpu(Backend):
             return "onnxruntime is not installed (pip install onnxruntime)"
         if art is not None and art.onnx is None:
             return f"{art.root} has no ONNX model"
+        if art is not None and art.manifest is not None and art.manifest.plugin_ops and \
+                set(art.manifest.plugin_ops) - set(art.manifest.function_bodies):
+            return (f"{art.onnx} is a '{art.manifest.target}' export: its {', '.join(art.manifest.plugin_ops)} nodes "
+                    "have no standard-op body, only a TensorRT plugin; re-export with --target portable to run it "
+                    "in ONNX Runtime, or build it with `edgetok build`")
         return None
 
     def open(self, art, threads=None, interleaved=False, **_):

@@ -50,7 +50,10 @@ Fields:
 - ``batch_profile`` {``min``, ``opt``, ``max``} from the export config, or null;
   ``config`` str, the export config name, or null.
 - ``parity`` {``batches``, ``max_abs_err``, ``tolerance``, ``checked_on``, ...}: the
-  ONNX Runtime CPU check against the torch model, or null when it was skipped.
+  ONNX Runtime CPU check against the torch model, or null when it was skipped (an fp16/int8
+  export: the check of its float32 graph, before the conversion).
+- ``precision`` {``precision`` (fp32 | fp16 | int8), what was done (``kept_fp32``, ``scheme``,
+  ``quantized_ops``, ``calibration``, ...), ``parity`` against the float32 graph, ``note``}.
 - ``seed`` int, the seed of the model's random initial weights (edgetok.patch.models.create_model:
   a reduced export and its baseline made with the same seed are the same network), or null when
   the weights came from a checkpoint or from the caller's own model.
@@ -65,6 +68,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import EdgetokError
+from .preprocess import PreprocessSpec
 
 MANIFEST_VERSION = 2
 NAME = "manifest.json"
@@ -103,12 +107,13 @@ class Manifest(BaseModel):
     outputs: list[TensorField]
     tokens: Optional[list[int]]
     flops: Optional[dict[str, Any]]
-    preprocessing: Optional[dict[str, Any]]
+    preprocessing: Optional[PreprocessSpec]
     schedule: Optional[dict[str, Any]]
     stream: Optional[dict[str, Any]]
     batch_profile: Optional[dict[str, int]]
     config: Optional[str]
     parity: Optional[dict[str, Any]]
+    precision: dict[str, Any]  # fp32 | fp16 | int8 and what was done (edgetok/export/precision.py)
     seed: Optional[int]
     sha256: str
     versions: dict[str, str]

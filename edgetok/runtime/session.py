@@ -93,7 +93,11 @@ def _from_module(module, preprocess: bool, resize: bool, device: str = "cpu", **
 
     info = adapter_for(module).info(module)
     spec = TensorSpec("images", ["batch", *info.input_shape])
-    cfg = getattr(module, "pretrained_cfg", None) or {}
-    pre = Preprocessor.from_preprocessing({"mean": cfg.get("mean"), "std": cfg.get("std")}, spec.shape,
-                                          resize) if preprocess else None
+    pre = None
+    if preprocess:
+        from ..patch.data_config import data_config
+        from .preprocess import PreprocessSpec
+
+        found = data_config(module, None, info.image_size)
+        pre = Preprocessor(PreprocessSpec.model_validate(found) if found else None, spec.shape, resize)
     return Session(TorchRunner(module, spec, ["output"], device), pre)

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..errors import MissingDependencyError
+from ..errors import EdgetokError, MissingDependencyError
 
 SAMPLE_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
 
@@ -43,9 +43,28 @@ class VideoInfo:
     height: int
 
 
-def probe(path) -> VideoInfo:
+class VideoError(EdgetokError, ValueError):
+    """A file that is not a decodable video."""
+
+
+def _open(path):
     av = _av()
-    with av.open(str(path)) as c:
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"{path} is not a readable video ({_first(e)}); pass an mp4/mkv/avi file") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path} has no video stream; pass a video file")
+    return container
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def probe(path) -> VideoInfo:
+    with _open(path) as c:
         s = c.streams.video[0]
         return VideoInfo(str(path), float(s.average_rate or 0), int(s.frames or 0), s.codec_context.width,
                          s.codec_context.height)
@@ -59,8 +78,8 @@ def frames(path, size: tuple[int, int], max_frames: Optional[int] = None, stride
         raise FileNotFoundError(f"no video file at {path}")
     h, w = size
     n = 0
-    with av.open(str(path)) as c:
-        for i, f in enumerate(c.decode(video=0)):
+    with _open(path) as c:
+        for i, f in enumerate(_decoded(av, c, path)):
             if i % stride:
                 continue
             rgb = f.to_ndarray(format="rgb24", width=w, height=h)
@@ -68,3 +87,10 @@ def frames(path, size: tuple[int, int], max_frames: Optional[int] = None, stride
             n += 1
             if max_frames is not None and n >= max_frames:
                 return
+
+
+def _decoded(av, container, path):
+    try:
+        yield from container.decode(video=0)
+    except av.FFmpegError as e:
+        raise VideoError(f"{path}: decoding failed ({_first(e)}); the file is damaged or not a video") from None

@@ -159,6 +159,7 @@ class Server:
         self._stop = threading.Event()
         self.startup_s: Optional[float] = None  # how long the last start() took
         self.launches = 0  # Triton launches by the last start() (2: relaunched once)
+        self._log_offset = 0
 
     # -- inference -------------------------------------------------------------
     def _infer_fn(self, session):
@@ -243,7 +244,7 @@ class Server:
             raise ServeError("this PyTriton differs from 0.7.0; install nvidia-pytriton==0.7.0")
         self._bind(triton)
         self._triton = triton
-        offset = _size(self.config.log_file)  # a log file given twice (or a relaunch) appends: read this launch's part
+        offset = self._log_offset = _size(self.config.log_file)  # an appended log file: read this launch's part
         timed_out, at_deadline = threading.Event(), []
         quiet = logging.getLogger("pytriton.client.utils")
 
@@ -288,11 +289,12 @@ class Server:
         http = self.config.ports()[0]
         host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         url = f"http://{'[' + host + ']' if ':' in host else host}:{http}/v2/health/live"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no HTTP proxy for our own server
         while True:
             if not triton._triton_server.is_alive():
                 raise _StartFailure(None)
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
+                with opener.open(url, timeout=5) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -331,7 +333,9 @@ class Server:
         try:
             while not self._stop.wait(1.0):
                 if self._triton is None or not self._triton.is_alive():
-                    raise ServeError("Triton exited unexpectedly; see its log above")
+                    cause = _triton_cause(self._triton_log(self._triton, self._log_offset)) if self._triton else None
+                    raise ServeError(f"Triton exited unexpectedly (Triton: {cause})" if cause else
+                                     "Triton exited unexpectedly; see its log above")
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -367,7 +371,7 @@ _STUB_TIMEOUT_S = 1.0  # the stub-side waits of the launch under way (PyTriton 0
 _SLACK_S = 30.0  # PyTriton's own waits end this long after the start deadline, so the deadline decides
 # causes that can pass: a port taken between our check and Triton's bind, the stubs' handshake, a stub's health check
 _RETRYABLE = re.compile(r"already in use|waiting for config file|not healthy", re.IGNORECASE)
-_BUSY = re.compile(r"waiting for config file|not healthy|[Tt]imeout", re.IGNORECASE)
+_BUSY = re.compile(r"waiting for config file|not healthy|timeout", re.IGNORECASE)
 
 
 class _StartFailure(Exception):
@@ -399,10 +403,10 @@ class _StartFailure(Exception):
 def _pytriton_timeouts(deadline: float, timeout: float):
     """PyTriton 0.7.0's start-up waits, raised for one launch (restored after it).
 
-    In this process: the server-ready wait (120 s), the HTTP model-load request (60 s), the
-    model-ready wait (60 s) and the server side of the stubs' config handshake (1 s) end with the deadline (plus _SLACK_S for
-    PyTriton's own waits, so the watchdog's kill decides). In the stubs: the handshake and the
-    request server's start wait ``timeout`` (written into the stub code, see _stub_tensor_fix).
+    In this process: the server-ready waits (120 s), the HTTP model-load request (60 s) and the
+    model-ready wait (60 s) end _SLACK_S after the deadline (so the watchdog's stop decides), the
+    server side of the stubs' config handshake (1 s) with it. In the stubs: the handshake and the
+    request server's start wait ``timeout`` (written into the stub code, see _stub_fixes).
     """
     import pytriton.client.client as pc
     import pytriton.models.manager as pmm
@@ -633,14 +637,15 @@ def _server_library_path() -> None:
 
 
 # The stub-side proxy code PyTriton 0.7.0 ships, and the DLPack crossings used instead
-# (a torch capsule for outputs: the stub rejects numpy's own capsule).
+# (a torch capsule for outputs: the stub rejects numpy's own capsule). torch is imported with the
+# model, i.e. within the start-up timeout: imported lazily, each instance's first request waited for it.
 _STUB_FIXES = {
     "request[input_name] = input_tensor.as_numpy()": "request[input_name] = np.from_dlpack(input_tensor).copy()",
     "pb_utils.Tensor(name, value)\n": "_tensor_from_numpy(name, value)\n",
     "import typing\n": (
-        "import typing\n\nimport numpy as np\n\n\n"
+        "import typing\n\nimport numpy as np\n"
+        "import torch  # edgetok: with the model, not on each instance's first response (40 s on a busy CPU)\n\n\n"
         "def _tensor_from_numpy(name, value):  # edgetok: DLPack crossing (see edgetok/serve/server.py)\n"
-        "    import torch\n\n"
         "    t = torch.from_numpy(np.ascontiguousarray(value))\n"
         "    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(t))\n"
     ),
@@ -674,11 +679,12 @@ def _stub_fixes() -> dict:
     model = dict(_STUB_FIXES)
     model["import typing\n"] += "\n\n" + _STUB_HANDSHAKE
     model["get_config_from_handshake_server(handshake_socket)"] = f"_edgetok_handshake(handshake_socket, {t})"
+    read = 'reader.readuntil(b"\\n"), timeout='  # instance 0's wait for the handshake request
     return {
         "model.py": model,
         "communication.py": {
             "_STARTUP_TIMEOUT_S = 1.0\n": f"_STARTUP_TIMEOUT_S = {t}  # edgetok: start-up timeout\n",
-            'reader.readuntil(b"\\n"), timeout=1.0)': f'reader.readuntil(b"\\n"), timeout={t})  # edgetok: start-up timeout',
+            f"{read}1.0)": f"{read}{t})  # edgetok: start-up timeout",
         },
     }
 

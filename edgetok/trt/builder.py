@@ -136,7 +136,7 @@ def rtx_build_check(plan: BuildPlan) -> Optional[dict]:
     from .pyplugins import PluginLoaderError
 
     try:
-        cast = plan.typed_precision()[0] if plan.config.precision != "int8" else None
+        cast = plan.typed_precision()[0]
         _, report = compile_engine(import_tensorrt_rtx(), plan, cast, True, stand_ins=plan.needs_plugin)
     except (BuildError, PluginLoaderError) as e:
         return {"ok": False, "tensorrt_rtx": version, "error": str(e)}
@@ -201,11 +201,11 @@ def _onnx_for_build(plan: BuildPlan, cast: Optional[str], tmp: Path) -> Path:
         return plan.onnx
     import onnx
 
-    from .cast import cast_model
+    from .cast import cast_model, fp32_gemm
 
     model = onnx.load(str(plan.onnx))
     out = tmp / f"model.{cast}.onnx"
-    onnx.save(cast_model(model, cast), str(out))
+    onnx.save(cast_model(model, cast, fp32_gemm(plan.config)), str(out))
     return out
 
 
@@ -286,7 +286,7 @@ def _compile(trt, plan: BuildPlan, cast, strong, lib, cache, configure) -> tuple
         config.add_optimization_profile(profile)
     if not strong:
         p = plan.config.precision
-        if p in ("fp16", "best"):
+        if p in ("fp16", "best", "int8"):  # int8: the Q/DQ layers; fp16 for what is not quantized
             config.set_flag(trt.BuilderFlag.FP16)
         if p in ("int8", "best"):
             config.set_flag(trt.BuilderFlag.INT8)

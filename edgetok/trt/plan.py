@@ -44,14 +44,33 @@ def sm_name(sm: int) -> str:
 
 def edgetok_ops(onnx_path: Path) -> tuple[set[str], set[str]]:
     """(op types of edgetok nodes in the graph, op types that have a local function body)."""
-    import onnx
+    from ..runtime.artifacts import load_onnx
 
-    m = onnx.load(str(onnx_path), load_external_data=False)
+    m = load_onnx(onnx_path)
     nodes = {n.op_type for n in m.graph.node if n.domain == DOMAIN}
     bodies = {f.name for f in m.functions if f.domain == DOMAIN}
     return nodes, bodies
 
 
+# the newest default-domain opset each TensorRT major version's ONNX parser reads, where known
+# (TensorRT 8.5/8.6, JetPack 5: opset 17); newer parsers read every opset edgetok writes (17..23)
+MAX_PARSER_OPSET = {8: 17}
+
+
+def check_opset(art: Artifacts, config) -> None:
+    """The graph's opset is the manifest's, and one the config's TensorRT can parse."""
+    from ..runtime.artifacts import load_onnx
+
+    graph = load_onnx(art.onnx)
+    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+    if art.manifest is not None and opset != art.manifest.opset:
+        raise TargetMismatchError(f"{art.onnx} has opset {opset} but its manifest says {art.manifest.opset}; "
+                                  "re-export it")
+    if config.runtime == "tensorrt" and config.tensorrt is not None:
+        limit = MAX_PARSER_OPSET.get(vtuple(config.tensorrt.min)[0])
+        if limit is not None and opset is not None and opset > limit:
+            raise TargetMismatchError(f"{art.onnx} has opset {opset}; TensorRT {config.tensorrt.min} (config "
+                                      f"{config.name!r}) parses opset <= {limit}; re-export with --config {config.name}")
 
 
 def _form(nodes: set[str], bodies: set[str], export_target: Optional[str]) -> str:
@@ -61,6 +80,30 @@ def _form(nodes: set[str], bodies: set[str], export_target: Optional[str]) -> st
     if nodes:
         return export_target if export_target in ("portable", "trt-override", "trt") else "portable"
     return "inlined"
+
+
+def _check_precision(art: Artifacts, config) -> str:
+    """The export's graph precision, refused where the config builds another: int8 engines come
+    from a Q/DQ export only (TensorRT reads the scales from its Q/DQ nodes), and a float16 or Q/DQ
+    graph is not built as something else."""
+    from ..export.precision import graph_precision
+
+    graph = art.manifest.precision.get("precision", "fp32") if art.manifest else graph_precision(art.onnx)
+    want = config.precision
+    if want == "int8" and graph != "int8":
+        raise TargetMismatchError(
+            f"config {config.name!r} builds int8, but {art.onnx} is a {graph} export; export it with "
+            "`edgetok export ... --precision int8 --calibration DIR` (TensorRT reads the int8 scales from its "
+            "Q/DQ nodes; without them it would use placeholder scales)")
+    if graph == "int8" and want != "int8":
+        raise TargetMismatchError(
+            f"{art.onnx} is an int8 (Q/DQ) export but config {config.name!r} builds {want}; build it with a config "
+            f"whose precision is int8 (a copy of {config.name}.yaml with precision: int8) or export it again in {want}")
+    if graph == "fp16" and want == "fp32":
+        raise TargetMismatchError(
+            f"{art.onnx} is an fp16 export but config {config.name!r} builds fp32; export it again without "
+            "--precision fp16, or build it with an fp16 config")
+    return graph
 
 
 def _check_adaptive(art: Artifacts, config, nodes: set[str]) -> None:
@@ -86,6 +129,7 @@ class BuildPlan:
     needs_plugin: bool
     export_target: Optional[str]
     dla_core: Optional[int] = None  # run on this DLA core (GPU fallback for unsupported layers)
+    graph_precision: str = "fp32"  # the export's (edgetok export --precision): int8 is a Q/DQ graph
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -105,7 +149,9 @@ class BuildPlan:
                     "batch axis: export the model for the image (or sequence) size you deploy"
                 )
         nodes, bodies = edgetok_ops(art.onnx)
+        check_opset(art, config)
         _check_adaptive(art, config, nodes)
+        graph_precision = _check_precision(art, config)
         export_target = art.manifest.target if art.manifest else None
         form = _form(nodes, bodies, export_target)
         if config.runtime == "tensorrt-rtx":
@@ -139,7 +185,7 @@ class BuildPlan:
         needs_plugin = config.runtime == "tensorrt" and (
             bool(nodes - bodies) or (bool(nodes & PLUGIN_OPS) and config.target == "trt-override"))
         return cls(art.onnx, sha256_file(art.onnx), config, inputs, art.outputs(), needs_plugin, export_target,
-                   dla_core)
+                   dla_core, graph_precision)
 
     # -- shapes -----------------------------------------------------------
     @property
@@ -161,12 +207,10 @@ class BuildPlan:
     def precision_for(self, trt_version: str) -> tuple[Optional[str], list[str], list[str]]:
         """(dtype to cast the ONNX to or None, trtexec precision flags, notes) for that TensorRT."""
         p = self.config.precision
+        if p == "int8":  # a Q/DQ graph (checked by create): its scales are in the graph
+            note = "int8 from the export's Q/DQ nodes (edgetok export --precision int8: calibrated scales)"
+            return None, (["--stronglyTyped"] if strongly_typed(trt_version) else ["--int8", "--fp16"]), [note]
         if strongly_typed(trt_version):
-            if p == "int8":
-                raise TargetMismatchError(
-                    f"config {self.config.name!r} asks for int8 but TensorRT {trt_version} is strongly typed: "
-                    "int8 needs a Q/DQ-quantized ONNX (e.g. NVIDIA ModelOpt); use precision fp16 or quantize first"
-                )
             if p == "fp32":
                 return None, ["--stronglyTyped"], []
             notes = ["best under a strongly typed TensorRT means fp16 (no int8 without Q/DQ)"] if p == "best" else []
@@ -175,17 +219,14 @@ class BuildPlan:
             return None, [], []
         if p == "fp16":
             return None, ["--fp16"], []
-        note = "int8 without a calibration cache uses placeholder scales: fine for latency, not for accuracy"
-        return None, ["--int8"] if p == "int8" else ["--best"], [note]
+        return None, ["--best"], ["best lets TensorRT pick int8 per layer with placeholder scales: fine for latency, "
+                                  "not for accuracy (export --precision int8 for calibrated scales)"]
 
     def typed_precision(self) -> tuple[Optional[str], list[str]]:
         """(dtype to cast the ONNX to or None, notes) for a strongly typed builder (TensorRT-RTX)."""
         p = self.config.precision
-        if p == "int8":
-            raise TargetMismatchError(
-                f"config {self.config.name!r} asks for int8 but {self.config.runtime} builds strongly typed "
-                "networks: int8 needs a Q/DQ-quantized ONNX; use precision fp16 or fp32"
-            )
+        if p == "int8":  # a Q/DQ graph (checked by create)
+            return None, ["int8 from the export's Q/DQ nodes (edgetok export --precision int8: calibrated scales)"]
         if p == "fp32":
             return None, []
         notes = ["best under a strongly typed builder means fp16"] if p == "best" else []

@@ -93,10 +93,10 @@ def write_build_bundle(plan: BuildPlan, bundle: Path, plugin_lib: Optional[Path]
         if cast:
             import onnx
 
-            from .cast import cast_model
+            from .cast import cast_model, fp32_gemm
 
             onnx_name = f"model.{cast}.onnx"
-            write_atomic(bundle / onnx_name, cast_model(onnx.load(str(plan.onnx)), cast).SerializeToString())
+            write_atomic(bundle / onnx_name, cast_model(onnx.load(str(plan.onnx)), cast, fp32_gemm(cfg)).SerializeToString())
         variants["strong"] = (onnx_name, plan.trtexec_command("11.0", engine, onnx_name, lib, cache))
     src = plugin_sources()
     plugin_cmds, built_lib = plugin_build_commands(cfg.sm)
@@ -128,6 +128,14 @@ def write_build_bundle(plan: BuildPlan, bundle: Path, plugin_lib: Optional[Path]
     return script
 
 
+def _precision_notes(plan) -> list[str]:
+    """What the builds' precision flags mean, for each TensorRT the config spans (deduplicated)."""
+    cfg = plan.config
+    versions = [cfg.tensorrt.min if cfg.tensorrt else "10.0"] if _below_trt11(plan) else []
+    versions += ["11.0"] if _reaches_trt11(plan) else []
+    return list(dict.fromkeys(n for v in versions for n in plan.precision_for(v)[2]))
+
+
 def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, have_sources: bool) -> str:
     cfg = plan.config
     lines = [
@@ -137,6 +145,7 @@ def _script_text(plan, variants, plugin_cmds, built_lib, input_key, profile, hav
         f"#   bash {SCRIPT}            (env: TRTEXEC, EDGETOK_PLUGIN_LIBRARY, TIMING_CACHE, FORCE=1)",
         *[f"# Input {name}: min {p['min']} opt {p['opt']} max {p['max']}" for name, p in profile.items()],
         f"# Precision {cfg.precision}; workspace {cfg.workspace_mib} MiB.",
+        *[f"# Note: {note}" for note in _precision_notes(plan)],
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
         'die() { echo "error: $*" >&2; exit 1; }',

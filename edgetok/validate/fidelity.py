@@ -71,18 +71,14 @@ def photos() -> dict[str, np.ndarray]:
 
 
 def to_tensor(images: Sequence[np.ndarray], size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """Resize (shorter side) + centre crop to ``size``, normalise: [B,3,size,size]."""
-    from PIL import Image
+    """Shorter side to ``size`` (bicubic), centre crop, normalise -> [B,3,size,size], through the
+    runtime's own preprocessing (edgetok/runtime/preprocess.py), so a fidelity figure measures the
+    model on the inputs a deployment feeds it."""
+    from ..runtime.preprocess import Preprocessor, PreprocessSpec
 
-    out = []
-    for img in images:
-        im = Image.fromarray(img)
-        s = size / min(im.size)
-        im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
-        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-        out.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0)
-    x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    spec = PreprocessSpec(size=[size, size], resize={"shortest_edge": size}, crop=[size, size],
+                          interpolation="bicubic", mean=list(mean), std=list(std), source="edgetok fidelity")
+    return torch.from_numpy(Preprocessor(spec, (None, 3, size, size))(list(images)))
 
 
 def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import EdgetokError
 from ..runtime.artifacts import write_json
 from ..runtime.session import Session, load
 from .latency import measure_interleaved
@@ -62,6 +63,8 @@ def validate(
         options = {"interleaved": True, **options}  # two ORT sessions taking turns: no spinning idle threads
     sess = load(path, backend=backend, **options)
     base = load(baseline, backend=backend, **options) if baseline is not None else None
+    if base is not None:
+        _comparable(sess, base, path, baseline)
     x = _inputs(sess, batch)
     report = {"schema": "edgetok.validate/1", "machine": _machine(), "batch": batch, "runs": runs, "warmup": warmup,
               "budget_ms": budget_ms}
@@ -96,6 +99,21 @@ def validate(
     if report_path:
         write_json(Path(report_path), report)
     return report
+
+
+def _comparable(sess: Session, base: Session, path, baseline) -> None:
+    """A speed-up means something only against the same model at the same input."""
+    if list(sess.input.shape) != list(base.input.shape):
+        raise EdgetokError(f"--baseline {baseline} takes input {base.input.shape}, {path} takes {sess.input.shape}; "
+                           "export the baseline for the same input size")
+    m, b = sess.manifest, base.manifest
+    if m is not None and b is not None:
+        if m.model != b.model or m.family != b.family:
+            raise EdgetokError(f"--baseline {baseline} is model {b.model!r}, {path} is {m.model!r}; pass the "
+                               "unreduced export of the same model")
+        if m.seed != b.seed:
+            raise EdgetokError(f"--baseline {baseline} was exported with weights seed {b.seed}, {path} with "
+                               f"{m.seed}: two different networks; export both with the same --seed or --weights")
 
 
 def _has_torch(sess: Session) -> bool:
