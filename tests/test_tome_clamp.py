@@ -1,7 +1,9 @@
 """Issue 22, item 4: an r beyond what a layer can merge. edgetok.apply stays strict (an error
 naming clamp=True and --strict); clamp=True records which layers merged fewer than r and the
 tokens left, and clamp_note turns that into the one line `edgetok export` prints when it
-clamps (its default unless --strict)."""
+clamps (its default unless --strict), which the last test runs."""
+import json
+
 import pytest
 
 import edgetok
@@ -29,3 +31,18 @@ def test_no_note_when_nothing_is_clamped(vit):
 
 def test_only_methods_with_clamp_take_it():
     assert takes_param("tome", "clamp") and not takes_param("drop", "clamp")
+
+
+def test_export_cli_clamps_with_a_note_unless_strict(tmp_path, capsys):
+    from edgetok.cli import main
+
+    tiny = ["export", "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32", "--model-arg", "patch_size=8",
+            "--model-arg", "depth=3", "--model-arg", "num_classes=5", "--method", "tome", "--r", "6", "--no-parity"]
+    assert main([*tiny, "--strict", "-o", str(tmp_path / "strict")]) != 0
+    assert "layer 1: cannot merge r=6 tokens out of 11" in capsys.readouterr().err
+    assert not (tmp_path / "strict" / "model.onnx").exists()
+    assert main([*tiny, "-o", str(tmp_path / "clamped")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: r clamped" in err and "layer 1 merged 5 of r=6" in err and "4 tokens remain" in err
+    manifest = json.loads((tmp_path / "clamped" / "manifest.json").read_text())
+    assert manifest["params"]["r"] == [6, 5, 2] and manifest["tokens"] == [17, 11, 6, 4]

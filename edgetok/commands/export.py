@@ -78,6 +78,8 @@ def _dtd_threshold(value) -> float:
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max abs difference allowed between ONNX Runtime CPU and torch.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime parity check.")
+@click.option("--strict", is_flag=True, help="tome: an r larger than a layer can merge is an error (default: clamp "
+              "it per layer, as ToMe's reference code does, and print a note naming the layers).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Directory for model.onnx and manifest.json (written atomically; a previous export's two files "
                    "there are replaced, every other file stays).")
@@ -91,7 +93,7 @@ def _dtd_threshold(value) -> float:
                    "preprocessing; a fifth is held out to check the int8 graph against float32.")
 def export(model_name, module, model_args, weights, seed, method, r, keep_rate, layers, fuse_dropped, threshold, schedule,
            min_speedup, budget_ms, cost_cache, params, config, target, opset, batch, input_size, tolerance, no_parity,
-           output, force, precision, calibration):
+           output, force, precision, calibration, strict):
     """Export a (token-reduced) vision transformer to ONNX with one edgetok node per reduction step.
 
     \b
@@ -107,13 +109,15 @@ def export(model_name, module, model_args, weights, seed, method, r, keep_rate, 
 
     from ..config import load_config
     from ..patch.models import is_checkpoint_folder
-    from ..reduce.registry import get_method
+    from ..reduce.registry import get_method, takes_param
 
     if (model_name is None) == (module is None):
         raise click.UsageError("give exactly one of --model NAME or --module PKG.MOD:FACTORY")
     method_params = _method_params(method, params, r, keep_rate, threshold, fuse_dropped, layers)
     if method != "none":
         get_method(method)  # unknown method: fail before building the model
+        if not strict and takes_param(method, "clamp"):  # ToMe users expect r clamped per layer (issue 22)
+            method_params.setdefault("clamp", True)
     target, config = _target_or_config(target, config)
     cfg = load_config(config) if config else None
     from ..export.output import check_output
@@ -253,6 +257,10 @@ def _export_image(model, name: str, o: dict, step):
 
         return export_dtd_step(apply(model, "dtd", **(params | {"streaming": True})), o["output"], **common)
     reduced = model if method == "none" else apply(model, method, **params)
+    from ..reduce.tome import clamp_note
+
+    if clamp_note(getattr(reduced, "edgetok_plan", None)):
+        click.echo(f"note: {clamp_note(reduced.edgetok_plan)}", err=True)
     return export_model(reduced, o["output"], schedule=auto, **common)
 
 
