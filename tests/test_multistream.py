@@ -121,8 +121,7 @@ def _drift_clip(t: int = 30):
     return [a + (b - a) * (0.35 * i / t) for i in range(t)]
 
 
-def _pooled_cos(m, tokens, frame) -> float:
-    full = encode_full(m, frame)
+def _pooled_cos(tokens, full) -> float:
     return float(F.cosine_similarity(tokens[0, 1:].mean(0), full[0, 1:].mean(0), dim=0))
 
 
@@ -130,19 +129,37 @@ def test_drift_bound_keeps_a_slow_drift_above_the_cosine_set():
     m = tiny_vit(depth=2)
     bound = 0.999  # the tiny random model's pooled feature moves little; its bound is set to match
     worst, counts = {}, {}
+    clip = _drift_clip()
+    full = [encode_full(m, f) for f in clip]
     for name, drift in (("threshold", None), ("drift", DriftBound(min_cos=bound, audit_every=10))):
         enc = MultiStreamEncoder(m, 1, threshold=0.1, drift=drift)
-        seen = [(enc(f), f) for f in _drift_clip()]
-        worst[name] = min(_pooled_cos(m, o.tokens, f) for o, f in seen)
+        seen = [(enc(f), y) for f, y in zip(clip, full)]
+        worst[name] = min(_pooled_cos(o.tokens, y) for o, y in seen)
         counts[name] = [int(o.counts[0]) for o, _ in seen]
     assert worst["threshold"] < bound <= worst["drift"]
     assert counts["threshold"][1:20] == [1] * 19  # nothing over the threshold: all tokens go stale
     audits = [a[0] for a in enc.policy.audits]
-    assert audits == [10, 20] and enc.policy.sensitivity[0] > 0
-    # between audits the rule recomputes the most drifted tokens, not the whole frame
-    picked = [c for i, c in enumerate(counts["drift"]) if i % 10 and c > 1]
-    assert picked and max(picked) < 17
-    assert sum(counts["drift"]) < 0.3 * 17 * len(counts["drift"])
+    assert audits[:4] == [1, 2, 4, 8] and len(audits) < 10 and enc.policy.sensitivity[0] > 0
+    assert sum(counts["drift"]) < 0.4 * 17 * len(counts["drift"])  # far from full encoding
+
+
+def test_stale_budget_recomputes_the_most_drifted_tokens():
+    from edgetok.patch.multistream import StreamPolicy
+
+    pol = StreamPolicy(1, 8, 1, threshold=0.1, drift=DriftBound(min_cos=0.99, safety=0.25))
+    pol.frame_index = 3  # not a refresh, not an audit
+    change = torch.tensor([[0.2, 0.01, 0.05, 0.0, 0.08, 0.02, 0.0, 0.06]])
+    assert pol.stale_budget(0) == pytest.approx(0.025)  # before the first audit: start * threshold
+    plan = pol.plan(change)  # stale after the threshold rule: 0.22 / 8 = 0.0275 > 0.025: the 0.08 token too
+    assert plan.select[0].tolist() == [True, True, False, False, False, True, False, False, False]
+    assert float(plan.stale[0]) == pytest.approx(0.14 / 8)
+    pol.sensitivity[0] = 0.25 * 0.01 / 0.0095 ** 2  # measured: a stale error of 0.0095 costs the whole allowed loss
+    assert pol.stale_budget(0) == pytest.approx(0.0095)
+    plan = pol.plan(change)  # down to <= 0.076 of stale change: 0.08, 0.06 and 0.05 computed too
+    assert plan.select[0].tolist() == [True, True, False, True, False, True, False, False, True]
+    none = StreamPolicy(1, 8, 1, threshold=0.1)
+    none.frame_index = 3
+    assert none.plan(change).select[0].tolist() == [True, True] + [False] * 7
 
 
 def test_drift_bound_per_stream_equals_alone():
@@ -158,7 +175,8 @@ def test_drift_bound_per_stream_equals_alone():
             a = enc(seqs[b][t])
             assert o.of(b)[1].tolist() == a.idx.tolist()
             assert float((o.tokens[b] - a.tokens[0]).abs().max()) <= 1e-4
-    assert [a[:2] for a in multi.policy.audits] == [(2, 1), (4, 0), (6, 1), (8, 0), (10, 1)]
+    # frames 1, 2, 4, 8 measure every stream; then each from its phase (or sooner when it drifts fast)
+    assert [a[:2] for a in multi.policy.audits] == [(f, b) for f in (1, 2, 4, 8) for b in (0, 1)] + [(10, 1)]
 
 
 def test_errors():
@@ -198,8 +216,8 @@ def test_stream_command_with_several_videos(tmp_path):
     doc = json.loads(out.read_text())
     assert len(doc["frames"]) == 3 and doc["frames"][0]["refreshed"] == [True] * 3
     assert doc["settings"]["min_cos"] == 0.95  # the drift bound is on by default for several videos
-    assert [a[:2] for a in doc["audits"]] == [[1, 2], [2, 0], [2, 1]]  # audits staggered over the streams
-    assert doc["frames"][1]["refreshed"][2] and doc["frames"][2]["refreshed"][:2] == [True, True]
+    assert [a[:2] for a in doc["audits"]] == [[f, b] for f in (1, 2) for b in range(3)]  # the first audits
+    assert all(r["refreshed"] == [True] * 3 for r in doc["frames"])
     s = doc["summary"]
     assert s["streams"] == 3 and [p["stream"] for p in s["per_stream"]][1] == "bigbuckbunny.mp4"
     assert all(0.9 < c <= 1.0 + 1e-6 for r in doc["frames"] for c in r["pooled_cos"])

@@ -172,7 +172,7 @@ class DriftBound:
     min_cos: float = 0.95
     audit_every: int = 16
     start: float = 0.25
-    safety: float = 0.5
+    safety: float = 0.25
     decay: float = 0.7
 
     def __post_init__(self):
@@ -183,6 +183,9 @@ class DriftBound:
         for name in ("start", "safety", "decay"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ScheduleError(f"DriftBound {name}={getattr(self, name)} must be in (0, 1]")
+
+
+WARMUP_AUDITS = (1, 2, 4, 8)
 
 
 @dataclass
@@ -217,9 +220,15 @@ class StreamPolicy:
 
     def __post_init__(self):
         _check_policy(self)
-        if self.phases is None and self.drift is not None:
-            self.phases = [b * self.drift.audit_every // self.streams for b in range(self.streams)]
         self.sensitivity = [0.0] * self.streams
+        if self.drift is not None:
+            a = self.drift.audit_every
+            if self.phases is None:
+                self.phases = [b * a // self.streams for b in range(self.streams)]
+            last = WARMUP_AUDITS[-1]  # then from each stream's phase, every audit_every frames
+            self.next_audit = [last + 1 + (p - last - 1) % a for p in self.phases]
+            self.interval = [a] * self.streams
+        self.last_refresh = [0] * self.streams
 
     def stale_budget(self, b: int) -> float:
         """Stale error stream ``b`` may leave behind (the threshold rule alone: no budget)."""
@@ -242,14 +251,18 @@ class StreamPolicy:
         refresh = (changed > self.max_changed_share * p) | due
         pick = torch.stack([self._pick(change[i], over[i], i) for i in range(b)])
         audit = torch.zeros(b, dtype=torch.bool)
-        if self.drift is not None and self.frame_index > 0:
-            a = self.drift.audit_every
-            audit = torch.tensor([(self.frame_index - self.phases[i]) % a == 0 for i in range(b)]) & ~refresh
+        if self.drift is not None:
+            audit = torch.tensor([self._audit_due(i) for i in range(b)]) & ~refresh
         stale = (change * ~pick).sum(1) / p
         prefix = torch.ones(b, self.num_prefix, dtype=torch.bool)
         would = torch.cat([prefix, pick], 1)
         select = would | (refresh | audit)[:, None]
         return Plan(select, refresh | audit, changed, audit, would, stale)
+
+    def _audit_due(self, b: int) -> bool:
+        """Stream ``b`` is audited on frames 1, 2, 4 and 8 (the first measurements, before the
+        stale-error budget is known), then from its phase every ``interval[b]`` frames."""
+        return self.frame_index in WARMUP_AUDITS or self.frame_index == self.next_audit[b]
 
     def _pick(self, change: Tensor, over: Tensor, b: int) -> Tensor:
         """Stream ``b``'s patch tokens to compute: those over the threshold, then the most drifted
@@ -272,8 +285,13 @@ class StreamPolicy:
         """After the step: measure the audited streams' drift (``before``/``after``: every
         stream's token map [B,N,C] before and after the step; None before when nothing is audited)."""
         self.frame_index += 1
-        if self.drift is None or before is None:
+        audited_before = list(self.last_refresh)
+        for b in plan.refresh.nonzero().flatten().tolist():
+            self.last_refresh[b] = self.frame_index - 1
+        if self.drift is None:
             return
+        if before is None:
+            return self._advance()
         p, d = self.num_prefix, self.drift
         for b in plan.audit.nonzero().flatten().tolist():
             mix = torch.where(plan.would[b][:, None], after[b], before[b])
@@ -281,7 +299,28 @@ class StreamPolicy:
             stale = float(plan.stale[b])
             measured = max(1.0 - cos, 0.0) / stale ** 2 if stale > 1e-9 else 0.0
             self.sensitivity[b] = max(d.decay * self.sensitivity[b], measured)
+            self._reschedule(b, 1.0 - cos, audited_before[b])
             self.audits.append((self.frame_index - 1, b, cos, stale))
+        self._advance()
+
+    def _reschedule(self, b: int, loss: float, refreshed_at: int) -> None:
+        """Interval to stream ``b``'s next audit: the drift grows about linearly from a refresh, the
+        pooled loss with its square, so with ``loss`` measured ``k`` frames after the stream's last
+        refresh the loss reaches ``safety * (1 - min_cos)`` ``k * sqrt(safety * (1 - min_cos) /
+        loss)`` frames after a refresh: the next audit comes then (2 to ``audit_every`` frames on)."""
+        d, f = self.drift, self.frame_index - 1
+        room = d.safety * (1.0 - d.min_cos)
+        k = max(f - refreshed_at, 1)
+        self.interval[b] = d.audit_every if loss <= 0 else min(max(int(k * math.sqrt(room / loss)), 2), d.audit_every)
+        if f == WARMUP_AUDITS[-1]:
+            self.next_audit[b] = min(self.next_audit[b], f + self.interval[b])
+
+    def _advance(self) -> None:
+        """Streams whose audit frame has passed (audited, or refreshed for another reason) get the next."""
+        f = self.frame_index - 1
+        for b in range(self.streams):
+            if self.next_audit[b] <= f:
+                self.next_audit[b] = f + self.interval[b]
 
 
 def _check_policy(pol: StreamPolicy) -> None:
