@@ -3,7 +3,8 @@ exports, exported from a tiny random timm ViT, runs in OpenVINO itself and match
 model (and ONNX Runtime on every output) to <= 1e-4 at batch 1 and 3; the precision is float32
 unless bfloat16 is asked for by name; the streaming DTD step takes its state input; a graph
 without bodies (a `trt` export) is refused with the fix; `edgetok validate --backend openvino` and
-`edgetok bench --backend openvino` run; the openvino-cpu config writes a graph OpenVINO reads;
+`edgetok bench --backend openvino` run, and the tuner measures in OpenVINO; the openvino-cpu
+config writes a graph OpenVINO reads;
 without openvino the backend says how to install it (and these tests skip with that reason)."""
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from conftest import tiny_vit
 from edgetok.cli import main
 from edgetok.runtime.openvino import INSTALL, openvino_missing
 
+pytestmark = pytest.mark.slow  # exports: run by default, deselect with -m "not slow"
 needs_openvino = pytest.mark.skipif(openvino_missing() is not None, reason=INSTALL)
 ATOL = 1e-4
 
@@ -208,3 +210,16 @@ def test_missing_openvino_says_how_to_install(monkeypatch, exports):
     assert openvino_missing() == INSTALL == "openvino is not installed: pip install 'edgetok[openvino]'"
     with pytest.raises(rt.BackendError, match=r"pip install 'edgetok\[openvino\]'"):
         rt.load(out, backend="openvino")
+
+
+@needs_openvino
+def test_tuner_measures_in_openvino():
+    """--schedule auto --target openvino-cpu measures its cost table in OpenVINO (edgetok/tune/auto.py)."""
+    from edgetok.config import load_config
+    from edgetok.tune.auto import _timer, backend_for_config
+
+    assert backend_for_config(load_config("openvino-cpu")) == "openvino"
+    mods = {"linear": torch.nn.Linear(32, 32),
+            "mlp": torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))}
+    times = _timer("openvino")(mods, torch.randn(2, 17, 32), 2)
+    assert set(times) == {"linear", "mlp"} and all(v > 0 for v in times.values())

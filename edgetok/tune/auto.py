@@ -38,7 +38,7 @@ from ..errors import EdgetokError, ScheduleError
 from ..patch.base import block_forward
 from ..reduce.registry import get_method
 
-BACKENDS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda")
+BACKENDS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "openvino")
 MARGIN = 0.02  # a schedule must be predicted at least 2% faster than baseline to count as faster
 
 
@@ -114,6 +114,8 @@ def backend_for_config(config) -> str:
     """The backend whose costs stand for an export config's runtime here."""
     if config.runtime == "onnxruntime":
         return "ort-cuda" if config.device in ("cuda", "jetson") else "ort-cpu"
+    if config.runtime == "openvino":
+        return "openvino"
     raise EdgetokError(
         f"config {config.name!r} runs TensorRT, which is not installed here, so its costs cannot be measured; "
         "measure on the device, or pick --target cpu-ort / cuda-ort (or --backend torch-cuda) as a stand-in"
@@ -213,6 +215,8 @@ def _timer(backend: str) -> Callable:
         raise EdgetokError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend.startswith("torch"):
         return _time_torch(backend)
+    if backend == "openvino":
+        return _time_openvino()
     return _time_ort(backend)
 
 
@@ -251,6 +255,27 @@ def _time_ort(backend):
         feed = {"x": x.cpu().numpy().astype(np.float32)}
         times = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, repeats=repeats,
                             warmup=1)
+        return {k: median(v) for k, v in times.items()}
+
+    return run
+
+
+def _time_openvino():
+    """Export each module and time it compiled by OpenVINO in float32 (edgetok/runtime/openvino.py)."""
+    import numpy as np
+
+    from ..export.exporter import trace
+    from ..runtime.openvino import INSTALL, compile_openvino, openvino_missing
+    from ..validate.timing import interleaved, median
+
+    if openvino_missing():
+        raise EdgetokError(f"backend openvino: {INSTALL}")
+
+    def run(mods, x, repeats):
+        compiled = {k: compile_openvino(trace(m.cpu().eval(), (x.cpu(),), ["x"])) for k, m in mods.items()}
+        feed = {"x": x.cpu().numpy().astype(np.float32)}
+        requests = {k: c.create_infer_request() for k, c in compiled.items()}
+        times = interleaved({k: (lambda q=q: q.infer(feed)) for k, q in requests.items()}, repeats=repeats, warmup=1)
         return {k: median(v) for k, v in times.items()}
 
     return run
