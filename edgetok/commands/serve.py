@@ -12,7 +12,8 @@ import click
 @click.option("--metrics-port", type=int, help="default: --port + 2")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="largest batch Triton forms")
 @click.option("--instances", type=int, default=1, show_default=True, help="model instances (one Session each)")
-@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt"]), help="default: best available")
+@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "openvino"]),
+              help="default: best available (openvino: float32, docs/openvino.md)")
 @click.option("--queue-delay-us", type=int, default=100, show_default=True, help="dynamic batching delay")
 @click.option("--name", help="model name (default: the export's, as `edgetok triton` names it)")
 @click.option("--threads", type=int, help="intra-op threads per instance (ONNX Runtime)")
