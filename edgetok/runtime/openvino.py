@@ -98,7 +98,13 @@ def compile_openvino(model, precision: str = "fp32", threads: Optional[int] = No
     config = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = core.compile_model(_read(core, model), "CPU", config)
+    read = _read(core, model)
+    try:
+        compiled = core.compile_model(read, "CPU", config)
+    except Exception as e:  # one line of OpenVINO's multi-line report, naming the step that failed
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise BackendError(f"OpenVINO cannot compile the model for the CPU: {first[:300]}; run it with "
+                           "--backend ort-cpu, and report the export to edgetok") from None
     got = compiled.get_property("INFERENCE_PRECISION_HINT")
     if got.to_string() != OV_PRECISIONS[precision]:
         raise BackendError(f"OpenVINO compiled the model in {got.to_string()}, not the {precision} asked for; this CPU "
@@ -134,7 +140,8 @@ class OpenVinoRunner(Runner):
     def infer(self, x, **state):
         self.check(x)
         if set(state) != set(self.inputs) - {self.input.name}:
-            raise InputShapeError(f"the model takes inputs {self.inputs}; got {[self.input.name, *state]}")
+            raise InputShapeError(f"the model takes inputs {self.inputs}; got {[self.input.name, *state]}: pass "
+                                  "the others by name, infer(x, NAME=array)")
         feeds = {self.input.name: np.ascontiguousarray(x, dtype=np.float32)}
         feeds |= {k: np.ascontiguousarray(v) for k, v in state.items()}
         res = self.request.infer(feeds)  # copies the outputs (share_outputs=False)
