@@ -23,6 +23,7 @@ are compared at the same fidelity).
 
     python benchmarks/bench_openvino.py                              # ViT-S/16, batch 1 and 8, r=16
     python benchmarks/bench_openvino.py --tomeov /path/to/modules/token_merging
+    python benchmarks/bench_openvino.py --tomeov PATH --profile      # + OpenVINO's time per node type
     python benchmarks/bench_openvino.py --quick                      # smoke run: ViT-Ti, 2 rounds
 
 Not a test: numbers depend on the machine and its load; the JSON records the machine facts.
@@ -100,6 +101,43 @@ def build(name: str, r: int, seed: int, batch: int, threads: int, tomeov):
     return run, refs, reduced.edgetok_plan.params["r"]
 
 
+def op_profile(name: str, r: int, seed: int, batch: int, tomeov, rounds: int = 5) -> dict:
+    """Where OpenVINO's time goes, per node type (PERF_COUNT), for edgetok's ToMe graph and tomeov's at
+    the same r: {variant: {node type: ms per inference}}. Per-node CPU times, so a busy machine inflates
+    them all; the shares are what to read."""
+    import collections
+
+    import openvino as ov
+    import timm
+
+    import edgetok
+    from edgetok.export.exporter import export_onnx
+    from edgetok.runtime.openvino import _read
+
+    torch.manual_seed(seed)
+    base = timm.create_model(name, pretrained=False).eval()
+    shape = (3, *base.patch_embed.img_size)
+    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES"}
+    models = {"ov+edgetok": _read(core, export_onnx(edgetok.apply(base, "tome", r=r, clamp=True), shape))}
+    if tomeov is not None:
+        patched = copy.deepcopy(base)
+        tomeov(patched, r)
+        models["ov+tomeov"] = ov.convert_model(patched, example_input=torch.from_numpy(x))
+    out = {}
+    for label, model in models.items():
+        compiled = core.compile_model(model, "CPU", cfg)
+        req, per_type = compiled.create_infer_request(), collections.Counter()
+        req.infer({compiled.inputs[0]: x})  # warm-up
+        for _ in range(rounds):
+            req.infer({compiled.inputs[0]: x})
+            for info in req.profiling_info:
+                per_type[info.node_type] += info.real_time.total_seconds() * 1e3 / rounds
+        out[label] = dict(per_type.most_common())
+    return out
+
+
 def measure(name: str, r: int, seed: int, batch: int, repeats: int, warmup: int, threads: int, tomeov) -> dict:
     from edgetok.validate.timing import interleaved, median
 
@@ -126,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="0: each runtime's default (all cores)")
     p.add_argument("--tomeov", metavar="PATH", help="a checkout of openvino_contrib's modules/token_merging")
+    p.add_argument("--profile", action="store_true",
+                   help="also record OpenVINO's time per node type (PERF_COUNT) for edgetok's and tomeov's graphs")
     p.add_argument("--quick", action="store_true", help="smoke run: ViT-Ti, batch 1, r=8, 2 rounds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "openvino.json"))
     a = p.parse_args(argv)
@@ -143,6 +183,8 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         for b in (int(v) for v in a.batches.split(",")):
             rows.append(measure(name, a.r, a.seed, b, a.repeats, a.warmup, a.threads or None, tomeov))
+            if a.profile:
+                rows[-1]["op_ms"] = op_profile(name, a.r, a.seed, b, tomeov)
             print(render_row(rows[-1]), flush=True)
     # other jobs on the machine move every variant alike (interleaved), but say how busy it was
     facts = machine_facts() | {"openvino": openvino.get_version(), "edgetok": edgetok.__version__,

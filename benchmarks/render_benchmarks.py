@@ -199,6 +199,11 @@ def openvino_section(d: dict) -> list[str]:
                            "re-run on a quiet machine")
             lines.append(f"- {r['model']} batch {r['batch']}: edgetok's best CPU path ({names[best]}) is "
                          f"{gain:+.1%} against OpenVINO + tomeov at r={r['r']} (goal >= +10 %): {verdict}")
+        for label, ops in r.get("op_ms", {}).items():
+            total = sum(ops.values())
+            top = ", ".join(f"{k} {v / total:.0%}" for k, v in list(ops.items())[:5])
+            lines.append(f"  - {names[label]}, batch {r['batch']}, OpenVINO's time per node type (PERF_COUNT): "
+                         f"{total:.0f} ms per inference; {top}")
     return lines + [""]
 
 
