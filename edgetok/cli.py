@@ -21,6 +21,7 @@ COMMANDS = {
     "serve": "edgetok.commands.serve:serve",
     "finetune": "edgetok.commands.finetune:finetune_cmd",
     "methods": "edgetok.commands.methods:methods",
+    "tune": "edgetok.commands.tune:tune",
 }
 
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     except (EdgetokError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         if debug:
             raise
-        click.echo(f"error: {_one_line(e)}", err=True)
+        click.echo(f"error: {_one_line(e, whole=isinstance(e, EdgetokError))}", err=True)
         return 1
     except Exception as e:  # not an input edgetok checks: still one line, with the way to see more
         if debug:
@@ -87,9 +88,13 @@ def main(argv=None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, whole: bool = False) -> str:
+    """``e``'s message on one line; ``whole``: edgetok's own messages (written to be read whole),
+    else the first three lines, at most 500 characters (a library's message can be a page)."""
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    return "; ".join(lines[:3])[:500] if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    return "; ".join(lines) if whole else "; ".join(lines[:3])[:500]
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def test_config_export_keeps_its_promises(name, tmp_path, capsys):
             check = meta["rtx_build_check"]
             assert check["ok"] and check["plugin_layers"] == (2 if m["plugin_ops"] else 0), check
     if HAVE_RTX and not m["plugin_ops"]:
-        rtx = load_config("rtx").model_copy(update={"compute_capabilities": (86,), "precision": "fp32"})
+        rtx = load_config("rtx").model_copy(update={"compute_capabilities": (86,),  # an fp16 export builds fp16
+                                                    "precision": m["precision"]["precision"]})
         from edgetok.trt import build
 
         assert build(out, rtx).kind == "engine"

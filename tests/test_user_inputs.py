@@ -145,16 +145,21 @@ def test_reexport_keeps_the_users_files_and_umask(exports, tmp_path, capsys):
 
 
 def test_sigterm_during_export_leaves_nothing(tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "edgetok.cli", "export", *TINY, "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
-        time.sleep(0.05)  # the staged directory exists: the export is under way
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    with open(tmp_path / "stderr.txt", "w") as log:  # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen([sys.executable, "-m", "edgetok.cli", "export", *TINY, "-o", str(out)],
+                                stderr=log, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(p.name.startswith(".out.tmp-") for p in work.iterdir()):
+            time.sleep(0.05)  # the staged directory exists: the export is under way
+        assert proc.poll() is None, "the export ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode != 0 and "Traceback" not in err, err
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
 
 
 # -- a parity check that can fail ---------------------------------------------------------------------
