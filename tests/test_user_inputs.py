@@ -53,6 +53,8 @@ def test_bad_inputs_table(exports, tmp_path, capsys):
     corrupt.write_bytes(b"\x00" * 64)
     bad_video = tmp_path / "clip.mp4"
     bad_video.write_bytes(b"not a video at all")
+    empty_video = tmp_path / "empty.mp4"
+    empty_video.write_bytes(b"")
     table = [
         (["build", str(trunc), "--config", "rtx"], ["not a readable ONNX model"]),
         (["validate", str(exports / "tome"), "--runs", "0"], ["--runs"]),
@@ -64,13 +66,20 @@ def test_bad_inputs_table(exports, tmp_path, capsys):
         (["export", *TINY, "--weights", str(corrupt), "-o", str(tmp_path / "x")], ["corrupt.safetensors", "readable"]),
         (["stream", str(bad_video), "--model", "vit_tiny_patch16_224", "--depth", "1", "--no-plot"],
          ["not a readable video"]),
+        (["stream", str(empty_video), "--model", "vit_tiny_patch16_224", "--depth", "1", "--no-plot"],
+         ["empty.mp4"]),
         (["bench", "--batches", "0"], ["batch sizes must be >= 1"]),
+        (["export", *TINY, "--precision", "int8", "-o", str(tmp_path / "x")], ["--calibration DIR"]),
+        (["export", *TINY, "--precision", "fp16", "--config", "cpu-ort", "-o", str(tmp_path / "x")],
+         ["refused for config 'cpu-ort'"]),
+        (["export", *TINY, "--precision", "int8", "--calibration", str(corrupt), "--config", "h100", "-o",
+          str(tmp_path / "x")], ["disagrees with config 'h100'"]),
         (["validate", str(exports / "trt"), "--backend", "ort-cpu"], ["no standard-op body", "--target portable"]),
         (["export", *TINY, "--model", "no_such_model", "-o", str(tmp_path / "x")], ["unknown model"]),
     ]
     for argv, words in table:
         fails_in_one_line(capsys, argv, *words)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "corrupt.safetensors", "trunc.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "corrupt.safetensors", "empty.mp4", "trunc.onnx"]
 
 
 def test_methods_command_lists_every_method(capsys):
