@@ -43,7 +43,8 @@ def _dtd_threshold(value) -> float:
 @click.option("--method", default="tome", show_default=True, metavar="NAME",
               help="Reduction method (`edgetok methods` lists them), or 'none' to export the unreduced model.")
 @click.option("--r", "r", metavar="SCHEDULE",
-              help="Tokens merged/dropped per layer: '8', one per layer '8,8,4,0', or 'linear:16:0'.")
+              help="Tokens merged/dropped per layer: '8', one per layer '8,8,4,0', 'linear:16:0', or @FILE (the "
+                   "schedule.json `edgetok tune` wrote).")
 @click.option("--keep-rate", type=float, help="drop: fraction of tokens kept at each drop layer (EViT: 0.7).")
 @click.option("--layers", metavar="I,J,..", help="drop with --keep-rate: the layers that drop (default every 3rd).")
 @click.option("--fuse-dropped", is_flag=True, default=None, help="drop: append the fused token (EViT).")
@@ -151,6 +152,10 @@ def export(model_name, module, model_args, weights, seed, method, r, keep_rate, 
 
 def _method_params(method, params, r, keep_rate, threshold, fuse_dropped, layers) -> dict:
     method_params = _key_values(params, "--param")
+    if r is not None and r.startswith("@"):  # a schedule file written by `edgetok tune`
+        from ..tune.budget import read_schedule
+
+        r, method_params = read_schedule(r[1:], method, method_params)
     for key, value in (("r", r), ("keep_rate", keep_rate), ("threshold", threshold), ("fuse_dropped", fuse_dropped),
                        ("layers", _layers(layers) if layers else None)):
         if value is not None:
