@@ -2,6 +2,8 @@
 by edgetok.runtime.multistream.OrtMultiStreamEncoder.
 
 ``multistream_change.onnx``: (frame [N,C,H,W], ref) -> change [N, patches];
+``multistream_refresh.onnx``: (frames of the streams that refresh, any number) ->
+their (tokens, ref, k_cache, v_cache) through the plain blocks;
 ``multistream_step.onnx``: (frame, ref, k_cache, v_cache, token_cache, stream [T],
 pos [T], slot [T], pad [W]) -> (tokens, computed [T,C], ref_out, k_cache_out,
 v_cache_out), with T (tokens computed over all streams) and W (the largest
@@ -20,7 +22,7 @@ from torch import nn
 from ..patch.multistream import MultiStreamEncoder, pack
 from ..patch.stream import StreamState
 from ..runtime.artifacts import write_atomic, write_json
-from ..runtime.multistream import CHANGE_INPUTS, CHANGE_OUTPUTS, KIND, STEP_INPUTS, STEP_OUTPUTS
+from ..runtime.multistream import CHANGE_INPUTS, CHANGE_OUTPUTS, KIND, REFRESH_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 
 
 class PackedStep(nn.Module):
@@ -33,6 +35,20 @@ class PackedStep(nn.Module):
         tokens, computed, st = self.packed(frame, x, StreamState(ref, k_cache, v_cache, token_cache), stream, pos,
                                            slot, pad)
         return tokens, computed, st.ref, st.k, st.v
+
+
+class RefreshRows(nn.Module):
+    """The streams that refresh (any number: a dynamic batch) through the plain blocks:
+    frame -> (tokens, ref, k_cache, v_cache) rows for them."""
+
+    def __init__(self, encoder: MultiStreamEncoder):
+        super().__init__()
+        self.core = encoder.core
+
+    def forward(self, frame):
+        x = self.core.embed(frame)
+        _, st = self.core.refresh(frame, x, x.new_zeros(x.shape[0], self.core.num_patches))
+        return st.tokens, st.ref, st.k, st.v
 
 
 class ChangeMap(nn.Module):
@@ -101,10 +117,13 @@ def export_multistream(encoder: MultiStreamEncoder, out_dir, opset: int = 18) ->
                                                                                          max=info.tokens)
     dyn = {"frame": None, "ref": None, "k_cache": None, "v_cache": None, "token_cache": None,
            "stream": {0: t}, "pos": {0: t}, "slot": {0: t}, "pad": {0: w}}
-    graphs = {"change": "multistream_change.onnx", "step": "multistream_step.onnx"}
+    graphs = {n: f"multistream_{n}.onnx" for n in ("change", "step", "refresh")}
+    rows = torch.cat([frame, frame[:1]]) if streams == 1 else frame  # the refresh graph's batch: 2 at tracing
     for name, module, a, ins, outs, d in (
             ("change", ChangeMap(encoder), (frame, st.ref), CHANGE_INPUTS, CHANGE_OUTPUTS, None),
-            ("step", PackedStep(encoder), args, STEP_INPUTS, STEP_OUTPUTS, dyn)):
+            ("step", PackedStep(encoder), args, STEP_INPUTS, STEP_OUTPUTS, dyn),
+            ("refresh", RefreshRows(encoder), (rows,), ["frame"], REFRESH_OUTPUTS,
+             {"frame": {0: torch.export.Dim("rows", min=1, max=max(streams, 2))}})):
         proto = trace(module.eval(), a, ins, opset, outs, dynamic_shapes=d)
         check_proto(proto)
         write_atomic(out / graphs[name], proto.SerializeToString())

@@ -6,8 +6,10 @@ Packing (what ``MultiStreamEncoder`` adds to edgetok.patch.stream's
 StreamingEncoder, whose batch of streams pads every stream to the batch's
 largest count and runs every token of every stream when one stream refreshes):
 each stream's tokens to compute (its changed ones plus the class/register
-tokens, or all of them when that stream refreshes) are concatenated into one
-sequence [1, T, C] (T = the sum of the streams' counts), so the QKV, projection
+tokens) are concatenated into one sequence [1, T, C] (T = the sum of the
+streams' counts; a stream that refreshes runs instead, with the others that
+refresh, through the plain blocks, so its 100 % of tokens do not widen the
+other streams' attention layout), so the QKV, projection
 and MLP matmuls of every block read the weights once for all streams and run
 exactly T rows. Attention stays per stream: the queries are scattered into a
 [N, width, ...] layout (width = the largest count; padding rows are discarded)
@@ -374,13 +376,28 @@ class MultiStreamEncoder(nn.Module):
         plan = self.policy.plan(change)
         before = state.tokens if bool(plan.audit.any()) else None  # token maps are never written in place
         if bool(plan.refresh.all()):
-            out, self.state = core.refresh(frames, x, change)
-            tokens, computed = out.tokens, out.tokens.reshape(-1, out.tokens.shape[-1])
-        else:
-            k = pack(plan.select)
+            _, self.state = core.refresh(frames, x, change)
+        else:  # the refreshed streams through the plain blocks, the others' tokens packed
+            k = pack(plan.select & ~plan.refresh[:, None])
             pad = frames.new_empty(k.width)
-            tokens, computed, self.state = self.packed(frames, x, state, k.stream, k.pos, k.slot, pad, inplace=True)
+            _, _, self.state = self.packed(frames, x, state, k.stream, k.pos, k.slot, pad, inplace=True)
+            if bool(plan.refresh.any()):
+                r = plan.refresh.nonzero().flatten()
+                _, fresh = core.refresh(frames[r], x[r], change[r])
+                put_rows(self.state, r, fresh, core.compare == "reference")
+        tokens = self.state.tokens
         self.policy.observe(plan, before, tokens)
         stream, pos = plan.select.nonzero(as_tuple=True)
-        return MultiStepOutput(tokens, computed, stream, pos, plan.select.sum(1), plan.changed, plan.refresh)
+        return MultiStepOutput(tokens, tokens[stream, pos], stream, pos, plan.select.sum(1), plan.changed,
+                               plan.refresh)
+
+
+def put_rows(state: StreamState, rows: Tensor, fresh: StreamState, ref: bool = True) -> None:
+    """Streams ``rows`` of ``state`` (caches [L,B,...], maps [B,...]) <- ``fresh`` (those streams
+    refreshed), in place; ``ref=False`` leaves the reference (``compare="previous"``: already the frame)."""
+    state.k[:, rows] = fresh.k
+    state.v[:, rows] = fresh.v
+    state.tokens[rows] = fresh.tokens
+    if ref:
+        state.ref[rows] = fresh.ref
 
