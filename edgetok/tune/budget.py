@@ -501,7 +501,8 @@ def read_schedule(path, method: str, params: dict) -> tuple[list[int], dict]:
         raise TuneError(f"cannot read schedule file {p} ({type(e).__name__}); give the schedule.json "
                         "`edgetok tune` wrote") from None
     if not isinstance(data, dict) or not isinstance(data.get("r"), list):
-        raise TuneError(f"{p} is not an edgetok schedule file (no 'r' list); give the schedule.json `edgetok tune` wrote")
+        raise TuneError(f"{p} is not an edgetok schedule file (no 'r' list); give the schedule.json "
+                        "`edgetok tune` wrote")
     if data.get("method", method) != method:
         raise TuneError(f"{p} is a schedule for --method {data['method']}, not {method}; add --method {data['method']}")
     return [int(v) for v in data["r"]], {**dict(data.get("params") or {}), **params}
@@ -537,18 +538,21 @@ def plot(rep: dict, path) -> None:
     from ..validate.figures import save_figure
 
     top1 = rep["budget"]["max_top1_drop"] is not None
-    key, label = ("top1_drop", "top-1 drop (points)") if top1 else ("cos_mean", "mean feature cosine to unreduced")
+    key, label = ("top1_drop", "top-1 change (points)") if top1 else ("cos_mean", "mean feature cosine to unreduced")
+    sign = -1.0 if top1 else 1.0  # top-1 drawn as the change (up is better), like the cosine
     base = rep["baseline_ms"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs = [base / p["predicted_ms"] for p in rep["path"]]
-    ax.plot(xs, [p["score"][key] for p in rep["path"]], "o-", ms=3, label=f"edgetok tune path ({rep['method']})")
-    ax.plot([u["predicted_speedup"] for u in rep["tome_uniform"]], [u["score"][key] for u in rep["tome_uniform"]],
-            "s--", ms=4, label="ToMe uniform r")
+    uni = rep["tome_uniform"]
+    ax.plot(xs, [sign * p["score"][key] for p in rep["path"]], "o-", ms=3, label=f"edgetok tune path ({rep['method']})")
+    ax.plot([u["predicted_speedup"] for u in uni], [sign * u["score"][key] for u in uni], "s--", ms=4,
+            label="ToMe uniform r")
     for u in rep["tome_uniform"]:
-        ax.annotate(f"r={u['r']}", (u["predicted_speedup"], u["score"][key]), fontsize=7)
-    ax.plot([rep["predicted_speedup"]], [rep["search"][key]], "*", ms=16, color="red", label="chosen (search half)")
+        ax.annotate(f"r={u['r']}", (u["predicted_speedup"], sign * u["score"][key]), fontsize=7)
+    ax.plot([rep["predicted_speedup"]], [sign * rep["search"][key]], "*", ms=16, color="red",
+            label="chosen (search half)")
     if rep["verify"].get(key) is not None:
-        ax.plot([rep["predicted_speedup"]], [rep["verify"][key]], "x", ms=10, color="black",
+        ax.plot([rep["predicted_speedup"]], [sign * rep["verify"][key]], "x", ms=10, color="black",
                 label="chosen (verification half)")
     ax.set_xlabel(f"predicted speed-up on {rep['backend']} batch {rep['batch']}")
     ax.set_ylabel(label)
