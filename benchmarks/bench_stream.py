@@ -31,6 +31,7 @@ OUT_multistream.json and the table between the bench_multistream markers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -73,7 +74,11 @@ def main() -> None:
                     help="many streams: comma list of drift bounds to run (0: the threshold rule alone)")
     ap.add_argument("--audit-every", type=int, default=16)
     ap.add_argument("--note", default="", help="many streams: a note printed under the table (e.g. machine load)")
+    ap.add_argument("--render", help="many streams: rewrite the table from this OUT_multistream.json (summaries "
+                                     "recomputed from its per-frame records) and exit")
     args = ap.parse_args()
+    if args.render:
+        return render(Path(args.render), Path(args.doc))
 
     torch.set_num_threads(args.threads)
     share_ort_threads(args.threads)  # streaming and full sessions take turns: one pool, no idle spinning
@@ -217,6 +222,24 @@ def multistream_main(args, model, norm) -> None:
         print(f"wrote {args.doc}")
 
 
+def render(path: Path, doc_path: Path) -> None:
+    from edgetok.validate import multistream as ms
+
+    doc = json.loads(path.read_text())
+    for r in doc["results"]:
+        recs = [ms.StepRecord(**f) for f in r["frames"]]
+        names = [p["stream"] for p in r["summary"]["per_stream"]]
+        r["summary"] = ms.summarize_streams(recs, _tokens(r), names)
+    write_json(path, doc, sort_keys=False)
+    write_doc(doc_path, multistream_markdown(doc), MS_BEGIN, MS_END)
+    print(f"wrote {path} and {doc_path}")
+
+
+def _tokens(r: dict) -> int:
+    """Tokens per frame of a run: the counts of its first (full) frame."""
+    return r["frames"][0]["counts"][0]
+
+
 MS_BEGIN, MS_END = "<!-- bench_multistream:begin -->", "<!-- bench_multistream:end -->"
 
 
@@ -236,21 +259,24 @@ def multistream_markdown(doc: dict) -> str:
              f"({st['mode']}), share bound {st['max_share']:.0%}, {st['max_frames'] or 'all'} frames per stream at "
              f"native frame rate, audits every <= {st['audit_every']} frames. {doc['note']}", "",
              "| N streams | backend | drift bound | frames | tokens computed | ms per stream (packed step) "
-             "| ms per stream (full, N frames as one batch) | speed | pooled cos mean | worst frame per clip "
-             "| goals (>= 3x, mean >= 0.98, worst >= 0.95) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ms per stream (full, N frames as one batch) | speed (paired) | speed (total ms) | pooled cos mean "
+             "| worst frame per clip | goals (>= 3x paired, mean >= 0.98, worst >= 0.95) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         s = r["summary"]
-        ok = (s["speedup"] >= goal["speedup"], s["pooled_cos_mean"] >= goal["pooled_cos_mean"],
+        ok = (s["speedup_paired"] >= goal["speedup"], s["pooled_cos_mean"] >= goal["pooled_cos_mean"],
               s["pooled_cos_worst"] >= goal["pooled_cos_worst"])
         lines.append(f"| {r['streams']} | {r['backend']} | {r['min_cos'] or '-'} | {s['steps']} | "
                      f"{s['computed_share']:.1%} | {s['stream_ms_per_stream']:.1f} | {s['full_ms_per_stream']:.1f} | "
-                     f"{s['speedup']:.2f}x | {s['pooled_cos_mean']:.4f} | {_per_clip_worst(s['per_stream'])} | "
-                     + " / ".join("met" if x else "NOT met" for x in ok) + " |")
-    lines += ["", "ms per stream: median over the frames of the packed step's time (or the full batch's) / N; speed: "
-              "total full ms / total packed-step ms, the first frame excluded, each frame's two encodings back to "
-              "back in alternating order; tokens computed include refreshes and the drift bound's audits.", "",
-              MS_END]
+                     f"{s['speedup_paired']:.2f}x | {s['speedup']:.2f}x | {s['pooled_cos_mean']:.4f} | "
+                     f"{_per_clip_worst(s['per_stream'])} | " + " / ".join("met" if x else "NOT met" for x in ok) + " |")
+    lines += ["", "ms per stream: median over the frames of the packed step's time (or the full batch's) / N. Speed "
+              "(paired): 1 / the mean over frames of (packed-step ms / full-batch ms), each frame's two encodings "
+              "timed back to back in alternating order: the full batch does the same work every frame, so each "
+              "pair gives that frame's cost in full-encoding units under the load of that moment. Speed (total "
+              "ms): total full ms / total packed-step ms, which a burst of load during one encoding skews. The "
+              "first frame (a full one) is excluded from both; tokens computed include refreshes and the drift "
+              "bound's audits.", "", MS_END]
     return "\n".join(lines)
 
 
