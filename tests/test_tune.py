@@ -133,6 +133,18 @@ def test_steps_cost_more_than_they_save_gives_unreduced(model, data):
     assert out.point.r == [0] * DEPTH and "no reduction is predicted faster" in out.reason
 
 
+def test_a_layers_first_move_grows_until_it_pays_for_its_step(model, data):
+    x, _ = data
+    t = table(step_ms=8.0)  # 2 tokens at any layer save < 8 ms; 4 at an early layer save more
+    zero = [0] * DEPTH
+    assert all(t.predict(A.counts_for([2 if j == i else 0 for j in range(DEPTH)], TOKENS)) > t.predict(
+        A.counts_for(zero, TOKENS)) for i in range(DEPTH))
+    out, rep = B.tune(model, x, B.make_budget(min_speedup=1.2), backend="torch-cpu", tables={"tome": t},
+                      speed_fn=honest(t), step=2, uniform_points=2)
+    assert out.reduced and out.goal_met and out.predicted_speedup >= 1.2
+    assert max(rep["path"][1]["r"]) >= 4
+
+
 def test_measured_slower_than_unreduced_keeps_r0(model, data, monkeypatch):
     x, _ = data
     monkeypatch.setattr(A, "measure_table", lambda *a, **kw: table())  # re-measured: the same costs

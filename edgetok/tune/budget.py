@@ -10,8 +10,9 @@ whose schedule is a per-layer ``r``.
 What is implemented: the calibration images are split in two halves (seeded shuffle): the
 search scores candidates on one half, the winner is verified on the other. Four budgets:
 
-- ``min_speedup`` / ``budget_ms`` (speed): greedy, from r=0, add ``step`` removals to the one
-  layer that buys the most predicted latency per unit of lost fidelity, until the goal is
+- ``min_speedup`` / ``budget_ms`` (speed): greedy, from r=0, add ``step`` removals (doubled until
+  the move is predicted faster: a layer's first removals must pay for its reduction step) to the
+  one layer that buys the most predicted latency per unit of lost fidelity, until the goal is
   predicted met (edgetok.tune.auto.search's rule);
 - ``min_cosine`` (mean and optional worst-image feature cosine to the unreduced model) and
   ``max_top1_drop`` (points of top-1 on labelled images): the same greedy, but a candidate
@@ -224,10 +225,8 @@ def greedy(cand: Candidate, depth: int, tokens: int, scorer, budget: Budget, ste
     while goal is None or path[-1].predicted_ms > goal:
         cur = path[-1]
         best = None
-        for r in _moves(cand, cur.r, step):
+        for r in _moves(cand, cur.r, step, tokens):  # each predicted faster than cur
             lat = table.predict(counts_for(r, tokens))
-            if lat >= cur.predicted_ms:
-                continue  # this removal costs more than it saves here
             score = scorer(cand.method, r, cand.build)
             if not budget.speed and not budget.keeps(score):
                 continue
@@ -240,18 +239,26 @@ def greedy(cand: Candidate, depth: int, tokens: int, scorer, budget: Budget, ste
     return path
 
 
-def _moves(cand: Candidate, r: list[int], step: int):
-    seen = set()
+def _moves(cand: Candidate, r: list[int], step: int, tokens: int):
+    """One move per layer: ``step`` more removals there, doubled until the cost table predicts the
+    move faster than ``r`` (a layer's first removals must pay for its reduction step, which a
+    single small step may not: without this the greedy stalls at r=0 where uniform r=8 pays)."""
+    seen, now = set(), cand.table.predict(counts_for(r, tokens))
     for i in range(len(r)):
-        nxt = list(r)
-        nxt[i] += step
-        if not cand.valid(nxt):
-            nxt = cand.repair(nxt) if cand.repair is not None else None
-            if nxt is None or nxt == r or not cand.valid(nxt):
-                continue
-        if tuple(nxt) not in seen:
-            seen.add(tuple(nxt))
-            yield nxt
+        size = step
+        while size <= tokens:
+            nxt = list(r)
+            nxt[i] += size
+            if not cand.valid(nxt):
+                nxt = cand.repair(nxt) if cand.repair is not None else None
+                if nxt is None or nxt == r or not cand.valid(nxt):
+                    break
+            if cand.table.predict(counts_for(nxt, tokens)) < now:
+                if tuple(nxt) not in seen:
+                    seen.add(tuple(nxt))
+                    yield nxt
+                break
+            size *= 2
 
 
 class CachedScores:
@@ -395,7 +402,7 @@ class Tuner:
         cand = self.candidate(method, self.used_tables[method])
         base = cand.table.predict(counts_for([0] * self.info.depth, self.info.tokens))
         return any(cand.table.predict(counts_for(r, self.info.tokens)) < base
-                   for r in _moves(cand, [0] * self.info.depth, self.step))
+                   for r in _moves(cand, [0] * self.info.depth, self.step, self.info.tokens))
 
     def _unreduced(self, path: list[Point], base: float, reason: str) -> Outcome:
         point = Point(path[0].method, [0] * self.info.depth, base, path[0].score)
