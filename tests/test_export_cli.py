@@ -38,7 +38,7 @@ def test_export_and_inspect(tmp_path, capsys):
         (["--model", "vit_nonexistent_patch99"], "unknown model 'vit_nonexistent_patch99'"),
         ([*TINY, "--method", "tomee"], "unknown method 'tomee'"),
         ([*TINY, "--config", "jetson-nano-2gb"], "unknown export config 'jetson-nano-2gb'"),
-        ([*TINY, "--r", "99"], "cannot merge r=99"),
+        ([*TINY, "--r", "99", "--strict"], "cannot merge r=99"),  # without --strict: clamped (test_tome_clamp.py)
         (["--model", "hf:NoSuchModel"], "transformers has no model class"),
         (["--module", "collections:OrderedDict"], "not a torch.nn.Module"),
         (["--model", "resnet18"], "no adapter"),
