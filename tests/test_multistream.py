@@ -176,7 +176,11 @@ def test_drift_bound_per_stream_equals_alone():
             assert o.of(b)[1].tolist() == a.idx.tolist()
             assert float((o.tokens[b] - a.tokens[0]).abs().max()) <= 1e-4
     # frames 1, 2, 4, 8 measure every stream; then each from its phase (or sooner when it drifts fast)
-    assert [a[:2] for a in multi.policy.audits] == [(f, b) for f in (1, 2, 4, 8) for b in (0, 1)] + [(10, 1)]
+    audits = [a[:2] for a in multi.policy.audits]
+    assert audits[:8] == [(f, b) for f in (1, 2, 4, 8) for b in (0, 1)]
+    # stream 1's phase puts its next audit at frame 10; the drifting stream 0 may be audited sooner than its
+    # phase (12) when its measured loss grows fast, which rests on float noise (thread count): not pinned
+    assert (10, 1) in audits[8:] and all(8 < f < 12 for f, _ in audits[8:])
 
 
 def test_errors():
