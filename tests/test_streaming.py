@@ -405,3 +405,20 @@ def test_stream_command(tmp_path):
     assert all(0.9 < r["pooled_cos"] <= 1.0 + 1e-6 for r in doc["frames"])
     res = CliRunner().invoke(cli, ["stream", "no-such.mp4"])
     assert res.exit_code != 0 and "no file" in res.output
+
+
+def test_full_encoder_exports_with_its_normalisation(tmp_path):
+    """export_full with mean/std (what `edgetok stream --backend ort` and bench_stream time against):
+    the normalisation is checked once, outside the traced forward, and the graph equals encode_full."""
+    import numpy as np
+
+    from edgetok.export.stream import export_full
+    from edgetok.runtime.backends import ort_session
+
+    m = tiny_vit()
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    path = export_full(m, tmp_path / "full.onnx", batch=2, mean=mean, std=std)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    got = ort_session(path).run(None, {"frame": x.numpy()})[0]
+    want = encode_full(m, x, mean, std).numpy()
+    assert np.abs(got - want).max() <= 1e-4

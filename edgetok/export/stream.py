@@ -76,13 +76,16 @@ class FullEncoder(nn.Module):
     """Plain per-frame encoding (every token, every block): the baseline the stream is timed against."""
 
     def __init__(self, model: nn.Module, mean=None, std=None):
+        from ..patch.stream import Normalize
+
         super().__init__()
-        self.model, self.mean, self.std = model, mean, std
+        self.model = model
+        self.normalize = Normalize(mean, std)  # checked here, once: a check inside forward cannot be traced
 
     def forward(self, frame):
         from ..patch.stream import encode_full
 
-        return encode_full(self.model, frame, self.mean, self.std)
+        return encode_full(self.model, self.normalize(frame))
 
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, opset: int, inputs=INPUTS, outputs=OUTPUTS) -> None:
