@@ -209,8 +209,13 @@ def openvino_section(d: dict) -> list[str]:
 
 def tune_section(d: dict) -> list[str]:
     """benchmarks/bench_tune.py: edgetok tune on the real CIFAR-10 ViT beside ToMe's uniform r."""
-    im = d["images"]
-    lines = ["## edgetok tune on the CIFAR-10 ViT (benchmarks/bench_tune.py)", "",
+    im, flops = d["images"], d["args"].get("cost") == "flops"
+    cost = ("the tuner's cost table is FLOPs (edgetok.reduce.flops; 'predicted' is the FLOPs speed-up), the "
+            "issue's goal being stated at equal FLOPs" if flops else
+            f"the tuner's cost table measured on {d['args']['backend']} batch {d['args']['batch']}")
+    lines = [f"### {'at equal FLOPs' if flops else 'measured cost table'} "
+             f"(benchmarks/bench_tune.py --cost {d['args'].get('cost', 'measured')})", "",
+             f"Cost: {cost}; step {d['args']['step']} tokens.",
              f"Machine: {_facts(d['machine'])}; {d.get('note', '')}. Real weights (../shared/data/cifar10-vit, "
              f"65 tokens, depth 6). Tuned on {im['search']} images of one half of the labelled images; every "
              f"column below measured on the other half ({im['verify']} images, never seen by the search). Speed: "
@@ -227,14 +232,15 @@ def tune_section(d: dict) -> list[str]:
     lines += _table(["schedule", "r per layer", "FLOPs", "predicted", "measured", "top-1", "change (pt)",
                      "cos mean / worst", "tune's verdict"], rows)
     by = {r["name"]: r for r in d["rows"]}
-    tome8, same = by.get("ToMe r=8"), by.get("tune at ToMe r=8's speed")
-    if tome8 and same:
+    tome8 = by.get("ToMe r=8")
+    same = by.get("tune at ToMe r=8's FLOPs") or by.get("tune at ToMe r=8's speed")
+    if tome8 and same and flops:  # the goal is stated at equal FLOPs
         met = same["flops_fraction"] <= tome8["flops_fraction"] + 0.02 and same["verify"]["top1_drop"] <= 0.2
         alt = [r for r in d["rows"] if r["name"].startswith("tune") and r["flops_fraction"] <= 0.5
                and r["verify"]["top1_drop"] <= tome8["verify"]["top1_drop"]]
         lines += [f"Goal (issue 19): at ToMe r=8's FLOPs ({tome8['flops_fraction']:.2f}) lose <= 0.2 pt top-1 "
-                  f"(ToMe r=8 here: {-tome8['verify']['top1_drop']:+.2f} pt): the tuned schedule at r=8's speed has "
-                  f"FLOPs {same['flops_fraction']:.2f} and {-same['verify']['top1_drop']:+.2f} pt: "
+                  f"(ToMe r=8 here: {-tome8['verify']['top1_drop']:+.2f} pt): {same['name']} has "
+                  f"FLOPs {same['flops_fraction']:.2f} and {-same['verify']['top1_drop'] + 0.0:+.2f} pt: "
                   f"{'MET' if met else 'NOT MET'}; or <= 0.5 of the FLOPs at ToMe r=8's top-1 loss: "
                   f"{'MET (' + alt[0]['name'] + ')' if alt else 'NOT MET'}.", ""]
     return lines
@@ -262,8 +268,14 @@ def render(results: Path) -> str:
     if (d := _load(results / "methods_other.json")) is not None:
         lines += compare_section("Methods on their own model families, torch CPU (benchmarks/bench_methods_other.py)",
                                  d, "FLOPs from the layer shapes (no edgetok adapter for these families).")
-    if (d := _load(results / "tune_cifar.json")) is not None:
-        lines += tune_section(d)
+    tuned = [d for f in ("tune_cifar_flops.json", "tune_cifar.json") if (d := _load(results / f)) is not None]
+    if tuned:
+        lines += ["## edgetok tune on the CIFAR-10 ViT (benchmarks/bench_tune.py)", ""]
+        for d in tuned:
+            lines += tune_section(d)
+        lines += ["Issue 19's DINOv2-S goal (ORT CPU batch 8, >= 1.6x measured with mean cosine >= 0.995 and worst "
+                  ">= 0.95): NOT MEASURED (no tune run on DINOv2-S: its search did not fit the session's time on "
+                  "this shared 2-core CPU).", ""]
     shown = {Path(f).name for f in (fid or {}).get("figures", [])}
     figs = [p for p in ("latency_vs_tokens.png", "speedup_vs_flops.png", "fidelity_vs_speed.png")
             if (ROOT / "docs" / "figures" / p).is_file() and p not in shown]
