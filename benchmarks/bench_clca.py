@@ -13,7 +13,7 @@ at blocks 1 and 3 with one keep rate at both (0.5, 0.25, 0.1: 65 -> 33 -> 17,
 fine-tunes the CLCA model (carriers + CLA head new, the same backbone); with
 --kept-classifier also CLCA with keep_classifier=True (the model's classifier kept,
 the CLA head added from zero). "unreduced + FT" is the same budget on the unreduced
-model (what fine-tuning alone gives). ToMe + CLCA at one setting (r=[0,32,0,16,0,0],
+model (what fine-tuning alone gives). ToMe + CLCA at one setting (r=[0,31,0,15,0,0],
 the token counts of drop at keep 0.5) shows composition, with ToMe alone and ToMe + FT.
 
 Speed: every variant with its own graph is exported (edgetok.export.exporter.export_model,
@@ -41,7 +41,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-vit"
 LAYERS = [1, 3]
 KEEP_RATES = (0.5, 0.25, 0.1)
-TOME_R = [0, 32, 0, 16, 0, 0]
+TOME_R = [0, 31, 0, 15, 0, 0]  # what a layer can merge with the CLCA carrier beside the tokens (64 -> 33, 32 -> 17)
 GOAL_KEEP = 0.25
 
 
@@ -55,10 +55,10 @@ def load(data_dir: Path):
     return model, (xt, yt), (xe, ye)
 
 
-def variants(tiny: bool, kept_classifier: bool):
+def variants(tiny: bool, kept_classifier: bool, keep_rates=KEEP_RATES, tome: bool = True):
     """label -> (method, params, fine-tuned, keep rate or None)."""
     out = {"unreduced": ("none", {}, False, None), "unreduced + FT": ("none", {}, True, None)}
-    for kr in ((GOAL_KEEP,) if tiny else KEEP_RATES):
+    for kr in ((GOAL_KEEP,) if tiny else keep_rates):
         drop = {"keep_rate": kr, "layers": LAYERS}
         out[f"drop {kr}"] = ("drop", drop, False, kr)
         out[f"drop {kr} + FT"] = ("drop", drop, True, kr)
@@ -66,10 +66,10 @@ def variants(tiny: bool, kept_classifier: bool):
         if kept_classifier:
             out[f"drop {kr} + CLCA (kept classifier)"] = ("clca", {"base": "drop", **drop, "keep_classifier": True},
                                                           True, kr)
-    if not tiny:
-        out["tome r=[0,32,0,16,0,0]"] = ("tome", {"r": TOME_R}, False, None)
-        out["tome r=[0,32,0,16,0,0] + FT"] = ("tome", {"r": TOME_R}, True, None)
-        out["tome r=[0,32,0,16,0,0] + CLCA"] = ("clca", {"base": "tome", "r": TOME_R}, True, None)
+    if not tiny and tome:
+        out["tome r=[0,31,0,15,0,0]"] = ("tome", {"r": TOME_R}, False, None)
+        out["tome r=[0,31,0,15,0,0] + FT"] = ("tome", {"r": TOME_R}, True, None)
+        out["tome r=[0,31,0,15,0,0] + CLCA"] = ("clca", {"base": "tome", "r": TOME_R}, True, None)
     return out
 
 
@@ -138,6 +138,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kept-classifier", action=argparse.BooleanOptionalAction, default=True,
                    help="also CLCA with keep_classifier=True")
+    p.add_argument("--keep-rates", type=float, nargs="+", default=list(KEEP_RATES),
+                   help=f"drop keep rates to compare (the goal is judged at {GOAL_KEEP})")
+    p.add_argument("--tome", action=argparse.BooleanOptionalAction, default=True, help="also the ToMe variants")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 32])
     p.add_argument("--repeats", type=int, default=30, help="interleaved rounds at batch 1 (a third at larger batches)")
     p.add_argument("--warmup", type=int, default=3)
@@ -177,7 +180,7 @@ def main(argv=None):
         done = {"_recipe": asdict(recipe), "_tiny": a.tiny}
 
     rows, graphs = {}, {}
-    for label, (method, params, tuned, kr) in variants(a.tiny, a.kept_classifier and not a.tiny).items():
+    for label, (method, params, tuned, kr) in variants(a.tiny, a.kept_classifier and not a.tiny, a.keep_rates, a.tome).items():
         print(f"== {label}", flush=True)
         reduced = build(model, method, params, a.seed)
         slug = "".join(c if c.isalnum() else "_" for c in label)
