@@ -18,6 +18,34 @@ def tiny_vit(**kw):
     return timm.create_model(name, **args).eval()
 
 
+# every ViT block method, with parameters for a 2-block, 17-token ViT (TensorRT-RTX and OpenVINO tests)
+VIT_METHODS = {  # method -> params on a 2-block, 17-token ViT
+    "none": None,
+    "tome": dict(r=2),
+    "drop": dict(keep_rate=0.6, fuse_dropped=True),
+    "dymu": dict(threshold=0.2),
+    "divprune": dict(keep_rate=0.5, layers=[0]),
+    "hired": dict(keep_rate=0.5, layer=0),
+    "zero_tprune": dict(r_importance=[2, 0], r_similarity=[2, 1], iterations=3),
+    "diffrate": dict(prune=[2, 1], merge=[1, 2]),
+    "slim": dict(keep_rate=0.5, layers=[0], dim=32),
+    "mustdrop": dict(merge_r=3, merge_layer=0, keep_rate=0.5, drop_layers=[1]),
+    "tail_drop": dict(keep_rate=0.5, layer=0),
+    "vlm_output": dict(budget=5, scorer="divprune"),
+}
+
+
+def vit_method_model(method: str):
+    """tiny_vit(depth=2), seeded, reduced by ``method`` with its VIT_METHODS parameters."""
+    import torch
+
+    import edgetok
+
+    torch.manual_seed(0)
+    model = tiny_vit(depth=2)
+    return model if VIT_METHODS[method] is None else edgetok.apply(model, method, **VIT_METHODS[method])
+
+
 @pytest.fixture
 def vit():
     return tiny_vit()

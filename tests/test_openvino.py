@@ -18,7 +18,7 @@ import torch
 
 import edgetok
 import edgetok.runtime as rt
-from conftest import tiny_vit
+from conftest import VIT_METHODS, tiny_vit, vit_method_model
 from edgetok.cli import main
 from edgetok.runtime.openvino import INSTALL, openvino_missing
 
@@ -26,20 +26,6 @@ pytestmark = pytest.mark.slow  # exports: run by default, deselect with -m "not 
 needs_openvino = pytest.mark.skipif(openvino_missing() is not None, reason=INSTALL)
 ATOL = 1e-4
 
-VIT_METHODS = {  # method -> params on a 2-block, 17-token ViT (tests/test_rtx_build.py lists the same)
-    "none": None,
-    "tome": dict(r=2),
-    "drop": dict(keep_rate=0.6, fuse_dropped=True),
-    "dymu": dict(threshold=0.2),
-    "divprune": dict(keep_rate=0.5, layers=[0]),
-    "hired": dict(keep_rate=0.5, layer=0),
-    "zero_tprune": dict(r_importance=[2, 0], r_similarity=[2, 1], iterations=3),
-    "diffrate": dict(prune=[2, 1], merge=[1, 2]),
-    "slim": dict(keep_rate=0.5, layers=[0], dim=32),
-    "mustdrop": dict(merge_r=3, merge_layer=0, keep_rate=0.5, drop_layers=[1]),
-    "tail_drop": dict(keep_rate=0.5, layer=0),
-    "vlm_output": dict(budget=5, scorer="divprune"),
-}
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +36,7 @@ def exports(tmp_path_factory):
     def export(method: str):
         from edgetok.export.exporter import export_model
 
-        torch.manual_seed(0)
-        model = tiny_vit(depth=2)
-        if VIT_METHODS[method] is not None:
-            model = edgetok.apply(model, method, **VIT_METHODS[method])
+        model = vit_method_model(method)
         # the ONNX Runtime check is this test's own (every output, below)
         out = export_model(model, root / method, model_name="tiny-vit",
                            input_shape=(3, 32, 32), check_parity=False).output_dir

@@ -13,10 +13,9 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 import edgetok
-from conftest import tiny_vit
+from conftest import VIT_METHODS, tiny_vit, vit_method_model
 
 # found, not imported: edgetok imports it after fixing the wheel's loader (edgetok/trt/pyplugins.py)
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_bindings") is None,
@@ -50,20 +49,6 @@ def build_rtx(export_dir, precision: str) -> dict:
 
 
 # -- every method on the reference family (timm) --------------------------------------------
-VIT_METHODS = {  # method -> params on a 2-block, 17-token ViT
-    "none": None,
-    "tome": dict(r=2),
-    "drop": dict(keep_rate=0.6, fuse_dropped=True),
-    "dymu": dict(threshold=0.2),
-    "divprune": dict(keep_rate=0.5, layers=[0]),
-    "hired": dict(keep_rate=0.5, layer=0),
-    "zero_tprune": dict(r_importance=[2, 0], r_similarity=[2, 1], iterations=3),
-    "diffrate": dict(prune=[2, 1], merge=[1, 2]),
-    "slim": dict(keep_rate=0.5, layers=[0], dim=32),
-    "mustdrop": dict(merge_r=3, merge_layer=0, keep_rate=0.5, drop_layers=[1]),
-    "tail_drop": dict(keep_rate=0.5, layer=0),
-    "vlm_output": dict(budget=5, scorer="divprune"),
-}
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +59,7 @@ def exports(tmp_path_factory):
     def export(method: str):
         from edgetok.export.exporter import export_model
 
-        torch.manual_seed(0)
-        model = tiny_vit(depth=2)
-        if VIT_METHODS[method] is not None:
-            model = edgetok.apply(model, method, **VIT_METHODS[method])
+        model = vit_method_model(method)
         return export_model(model, root / method, model_name=method, parity_batches=[2], input_shape=(3, 32, 32)).output_dir
 
     return export

@@ -141,7 +141,8 @@ def check_precision(precision: str, target=None, calibration=None) -> str:
                              "scales), not a graph precision; export with --precision fp16, or int8 with --calibration")
     if precision not in PRECISIONS:
         raise PrecisionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    runtime, where = _runtime_of(target)
+    config = _config_of(target)  # a config name is read once
+    runtime, where = _runtime_of(config or target)
     if precision == "fp16" and runtime == "ort-cpu":
         raise PrecisionError(f"precision fp16 is refused for {where} (ONNX Runtime CPU): {FP16_ORT_CPU}; "
                              "use --precision fp32, or int8 with --calibration DIR")
@@ -149,7 +150,7 @@ def check_precision(precision: str, target=None, calibration=None) -> str:
         if runtime == "ort-cuda":
             raise PrecisionError(f"precision int8 is refused for {where}: {INT8_ORT_CUDA}; use --precision fp16 "
                                  "there, or a TensorRT config (rtx, t4, ...) for int8")
-        if not fp32_gemm(_config_of(target)):
+        if not fp32_gemm(config):
             raise PrecisionError(f"precision int8 is refused for {where}: its int8 graph keeps attention's "
                                  "activation MatMuls in float32, and TensorRT-RTX has no float32 GEMM for Turing "
                                  "(SM75); use a config without 75 in compute_capabilities, or fp16")
